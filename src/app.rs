@@ -1,0 +1,322 @@
+//! Wires the balancer together: binds the three listeners, starts the cluster (checkers and
+//! routing), the stats server, signals and the reload loop; owns the root token and the task
+//! trackers; runs the graceful shutdown. Also the entry point used by tests (`Balancer::start`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::backend::PortRole;
+use crate::config::Config;
+use crate::http::{ReloadStatus, StatsContext};
+use crate::proxy::client::SessionContext;
+use crate::proxy::listener;
+use crate::reload::{self, Outcome};
+use crate::routing::Cluster;
+
+/// Installs the Prometheus recorder once per process; later calls get the same handle.
+fn prometheus() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(h) => {
+                crate::metrics::describe();
+                Some(h)
+            }
+            Err(e) => {
+                warn!(error = %e, "metrics recorder not installed");
+                None
+            }
+        })
+        .clone()
+}
+
+/// One running listener and the token that stops it alone (for rebinding on reload).
+struct PortListener {
+    addr: SocketAddr,
+    local: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// A running balancer.
+pub struct Balancer {
+    pub cluster: Arc<Cluster>,
+    pub write_addr: SocketAddr,
+    pub read_addr: SocketAddr,
+    pub stats_addr: SocketAddr,
+    shutdown: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    /// Binds every listener (failing fast on a taken port) and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Balancer> {
+        let shutdown = CancellationToken::new();
+        let background = TaskTracker::new();
+        let sessions = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        let prometheus = prometheus();
+        let path = config.path.clone();
+
+        let write = listener::bind(config.listen.write)
+            .with_context(|| format!("bind write port {}", config.listen.write))?;
+        let read = listener::bind(config.listen.read)
+            .with_context(|| format!("bind read port {}", config.listen.read))?;
+        let stats = listener::bind(config.listen.stats)
+            .with_context(|| format!("bind stats port {}", config.listen.stats))?;
+        let write_addr = write.local_addr()?;
+        let read_addr = read.local_addr()?;
+        let stats_addr = stats.local_addr()?;
+
+        let cluster = Cluster::start(config.clone(), shutdown.clone(), background.clone());
+        let ctx = SessionContext {
+            cluster: cluster.clone(),
+            hard_stop: hard_stop.clone(),
+        };
+        let mut ports = Vec::new();
+        for (l, role, addr, local) in [
+            (write, PortRole::Write, config.listen.write, write_addr),
+            (read, PortRole::Read, config.listen.read, read_addr),
+        ] {
+            let stop = shutdown.child_token();
+            tokio::spawn(listener::serve(
+                l,
+                role,
+                ctx.clone(),
+                stop.clone(),
+                sessions.clone(),
+            ));
+            ports.push(PortListener { addr, local, stop });
+        }
+
+        let reload_status = Arc::new(Mutex::new(ReloadStatus {
+            result: "initial".into(),
+            ..Default::default()
+        }));
+        let stats_ctx = Arc::new(StatsContext {
+            cluster: cluster.clone(),
+            started: Instant::now(),
+            prometheus,
+            reload: reload_status.clone(),
+        });
+        let stats_stop = shutdown.child_token();
+        background.spawn(crate::http::serve(stats, stats_ctx, stats_stop.clone()));
+
+        let (reload_tx, reload_rx) = mpsc::channel(16);
+        background.spawn({
+            let shutdown = shutdown.clone();
+            let tx = reload_tx.clone();
+            async move {
+                if let Err(e) = crate::signals::run(shutdown.clone(), tx).await {
+                    error!(error = %e, "signal handling failed; shutting down");
+                    shutdown.cancel();
+                }
+            }
+        });
+        let watcher = match reload::watch(&path, reload_tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(error = %e, path = %path.display(), "cannot watch the config file; SIGHUP still reloads");
+                None
+            }
+        };
+        background.spawn(reload_loop(
+            path,
+            cluster.clone(),
+            reload_rx,
+            reload_status,
+            ports,
+            ctx.clone(),
+            sessions.clone(),
+            shutdown.clone(),
+            watcher,
+        ));
+
+        let done = tokio::spawn(drain(
+            cluster.clone(),
+            shutdown.clone(),
+            hard_stop,
+            sessions,
+            background,
+        ));
+        info!(
+            write = %write_addr,
+            read = %read_addr,
+            stats = %stats_addr,
+            backends = config.backends.len(),
+            "pglb started"
+        );
+        Ok(Balancer {
+            cluster,
+            write_addr,
+            read_addr,
+            stats_addr,
+            shutdown,
+            done,
+        })
+    }
+
+    /// Starts a graceful shutdown (as SIGTERM does).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the balancer has stopped (after a signal or `shutdown`).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// After the root token is cancelled: listeners have stopped accepting; give open sessions up to
+/// `shutdown_timeout`, then cut the rest.
+async fn drain(
+    cluster: Arc<Cluster>,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+    sessions: TaskTracker,
+    background: TaskTracker,
+) {
+    shutdown.cancelled().await;
+    sessions.close();
+    background.close();
+    let timeout = cluster.config().proxy.shutdown_timeout;
+    let open: u64 = cluster.backends().iter().map(|b| b.active_sessions()).sum();
+    info!(open_sessions = open, timeout = ?timeout, "draining sessions");
+    if tokio::time::timeout(timeout, sessions.wait())
+        .await
+        .is_err()
+    {
+        let left: u64 = cluster
+            .backends()
+            .iter()
+            .chain(cluster.draining().iter())
+            .map(|b| b.active_sessions())
+            .sum();
+        warn!(
+            cut = left,
+            "shutdown timeout reached: closing remaining sessions"
+        );
+        hard_stop.cancel();
+        sessions.wait().await;
+    }
+    background.wait().await;
+    info!("pglb stopped");
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn reload_loop(
+    path: PathBuf,
+    cluster: Arc<Cluster>,
+    mut rx: mpsc::Receiver<()>,
+    status: Arc<Mutex<ReloadStatus>>,
+    mut ports: Vec<PortListener>,
+    ctx: SessionContext,
+    sessions: TaskTracker,
+    shutdown: CancellationToken,
+    _watcher: Option<notify::RecommendedWatcher>,
+) {
+    loop {
+        let more = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            more = reload::next_request(&mut rx) => more,
+        };
+        if !more {
+            return;
+        }
+        let current = cluster.config();
+        let outcome = reload::attempt(&path, &current);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs_f64());
+        let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
+        st.at_unix = now;
+        match outcome {
+            Outcome::Unchanged => {
+                st.result = "unchanged".into();
+                st.error = None;
+                crate::metrics::config_reload("unchanged");
+                info!(path = %path.display(), "config unchanged");
+            }
+            Outcome::Rejected(e) => {
+                st.result = "rejected".into();
+                st.error = Some(e.to_string());
+                st.rejected += 1;
+                crate::metrics::config_reload("rejected");
+                warn!(error = %e, kind = e.kind(), "config reload refused; keeping the running config");
+            }
+            Outcome::Changed(new) => {
+                drop(st);
+                let mut new = *new;
+                // Rebind listeners whose address changed; a failed bind keeps the old address.
+                let mut bind_error = None;
+                for (p, role) in ports.iter_mut().zip([PortRole::Write, PortRole::Read]) {
+                    let want = match role {
+                        PortRole::Write => new.listen.write,
+                        PortRole::Read => new.listen.read,
+                    };
+                    if want == p.addr {
+                        continue;
+                    }
+                    match listener::bind(want) {
+                        Ok(l) => {
+                            p.stop.cancel();
+                            let stop = shutdown.child_token();
+                            p.local = l.local_addr().unwrap_or(want);
+                            tokio::spawn(listener::serve(
+                                l,
+                                role,
+                                ctx.clone(),
+                                stop.clone(),
+                                sessions.clone(),
+                            ));
+                            info!(port = role.as_str(), from = %p.addr, to = %want, "listener rebound");
+                            p.addr = want;
+                            p.stop = stop;
+                        }
+                        Err(e) => {
+                            error!(port = role.as_str(), addr = %want, error = %e, "cannot bind new listen address; keeping the old one");
+                            bind_error = Some(format!("bind {} port {want}: {e}", role.as_str()));
+                            match role {
+                                PortRole::Write => new.listen.write = p.addr,
+                                PortRole::Read => new.listen.read = p.addr,
+                            }
+                        }
+                    }
+                }
+                if new.listen.stats != current.listen.stats {
+                    warn!("listen.stats changes need a restart; keeping the old stats address");
+                    new.listen.stats = current.listen.stats;
+                }
+                let diff = cluster.apply(new);
+                info!(
+                    added = ?diff.added,
+                    removed = ?diff.removed,
+                    changed = ?diff.changed,
+                    generation = cluster.generation(),
+                    "config reloaded"
+                );
+                let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
+                st.result = "applied".into();
+                st.error = bind_error;
+                st.applied += 1;
+                crate::metrics::config_reload("applied");
+            }
+        }
+    }
+}
+
+/// Runs the balancer until SIGTERM/SIGINT and the drain are done.
+pub async fn run_balancer(config: Config) -> anyhow::Result<()> {
+    let b = Balancer::start(config).await?;
+    b.wait().await;
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! `pglb`: parse arguments, set up logging, load the config, run the balancer.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Layer-4 load balancer for PostgreSQL: the write port reaches the primary, the read port a
+/// healthy replica within lag limits; health checks log in to every backend to learn its role.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Config file (TOML); reloaded on change and on SIGHUP.
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "lb.toml",
+        env = "PGLB_CONFIG"
+    )]
+    config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PGLB_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate the config, print the resolved settings (secrets hidden) and exit.
+    Check,
+    /// Run the balancer (the default).
+    Run,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// EX_USAGE: the config is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGLB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match pglb::config::Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pglb: invalid config: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(Command::Check) = args.command {
+        print!("{}", config.describe());
+        eprintln!("pglb: {} is valid", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(args.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pglb: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(pglb::app::run_balancer(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "pglb failed");
+            ExitCode::FAILURE
+        }
+    }
+}

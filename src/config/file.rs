@@ -1,0 +1,256 @@
+//! Serde mirror of `lb.toml`: field names, defaults and value parsing (durations, sizes,
+//! addresses). Unknown keys are rejected here. Cross-field rules live in `config::Config`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+/// The file as written by ops. Every section but `[[backend]]` may be omitted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub listen: FileListen,
+    pub check: FileCheck,
+    #[serde(default)]
+    pub read: FileRead,
+    #[serde(default)]
+    pub proxy: FileProxy,
+    #[serde(default)]
+    pub stats: FileStats,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<FileBackend>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListen {
+    #[serde(default = "default_write")]
+    pub write: Spanned<String>,
+    #[serde(default = "default_read")]
+    pub read: Spanned<String>,
+    #[serde(default = "default_stats")]
+    pub stats: Spanned<String>,
+}
+
+impl Default for FileListen {
+    fn default() -> Self {
+        Self {
+            write: default_write(),
+            read: default_read(),
+            stats: default_stats(),
+        }
+    }
+}
+
+fn unspanned(s: &str) -> Spanned<String> {
+    Spanned::new(0..0, s.to_string())
+}
+fn default_write() -> Spanned<String> {
+    unspanned("0.0.0.0:5435")
+}
+fn default_read() -> Spanned<String> {
+    unspanned("0.0.0.0:5436")
+}
+fn default_stats() -> Spanned<String> {
+    unspanned("0.0.0.0:8404")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCheck {
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "default_threshold")]
+    pub rise: Spanned<u32>,
+    #[serde(default = "default_threshold")]
+    pub fall: Spanned<u32>,
+    pub user: String,
+    pub password_env: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
+    /// Present only so that an inline password gets a helpful error instead of "unknown key".
+    pub password: Option<Spanned<String>>,
+    #[serde(default = "default_database")]
+    pub database: String,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_threshold() -> Spanned<u32> {
+    Spanned::new(0..0, 2)
+}
+fn default_database() -> String {
+    "postgres".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    #[default]
+    Leastconn,
+    Roundrobin,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::Leastconn => "leastconn",
+            Balance::Roundrobin => "roundrobin",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRead {
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default = "default_max_lag", deserialize_with = "de_size")]
+    pub max_lag: u64,
+    #[serde(default = "default_max_lag_time", with = "humantime_serde")]
+    pub max_lag_time: Duration,
+    #[serde(default = "yes")]
+    pub fallback_to_primary: bool,
+}
+
+impl Default for FileRead {
+    fn default() -> Self {
+        Self {
+            balance: Balance::default(),
+            max_lag: default_max_lag(),
+            max_lag_time: default_max_lag_time(),
+            fallback_to_primary: true,
+        }
+    }
+}
+
+fn default_max_lag() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_max_lag_time() -> Duration {
+    Duration::from_secs(10)
+}
+fn yes() -> bool {
+    true
+}
+
+/// Sizes as people write them: "16MB", "512kB", "1GiB", or a plain number of bytes.
+/// "MB" means MiB here, as in postgresql.conf.
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::N(n) => Ok(n),
+        Raw::S(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim();
+    // PostgreSQL's convention: kB/MB/GB are powers of 1024.
+    let mult: u64 = match unit {
+        "" | "B" => 1,
+        "kB" | "KB" | "k" | "K" | "KiB" => 1 << 10,
+        "MB" | "M" | "MiB" => 1 << 20,
+        "GB" | "G" | "GiB" => 1 << 30,
+        "TB" | "T" | "TiB" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: expected e.g. \"16MB\", \"512kB\""
+            ))
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. \"16MB\", \"512kB\""))?;
+    Ok((n * mult as f64) as u64)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileProxy {
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_startup_timeout", with = "humantime_serde")]
+    pub client_startup_timeout: Duration,
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    #[serde(default = "yes")]
+    pub close_on_writer_change: bool,
+    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+    #[serde(default = "default_user_timeout", with = "humantime_serde")]
+    pub tcp_user_timeout: Duration,
+}
+
+impl Default for FileProxy {
+    fn default() -> Self {
+        Self {
+            connect_timeout: default_connect_timeout(),
+            client_startup_timeout: default_startup_timeout(),
+            shutdown_timeout: default_shutdown_timeout(),
+            drain_timeout: default_drain_timeout(),
+            close_on_writer_change: true,
+            tcp_keepalive: default_keepalive(),
+            tcp_user_timeout: default_user_timeout(),
+        }
+    }
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_user_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileStats {
+    /// Env var holding the bearer token for admin actions; without a token they are off.
+    pub admin_token_env: Option<String>,
+    pub admin_token_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBackend {
+    pub name: Spanned<String>,
+    pub address: Spanned<String>,
+    #[serde(default = "default_weight")]
+    pub weight: Spanned<u32>,
+}
+
+fn default_weight() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}

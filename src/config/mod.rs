@@ -1,0 +1,566 @@
+//! The validated, immutable `Config` built from `lb.toml`: addresses parsed, secrets resolved from
+//! env vars or files, invariants checked. Parsing details live in `file`, errors in `error`.
+//! Reloading (watching the file) is `reload`'s job; this module only turns text into a `Config`.
+
+mod error;
+pub mod file;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::ConfigError;
+pub use file::Balance;
+use file::FileConfig;
+use toml::Spanned;
+
+/// A secret read from an env var or a file. Never printed: `Debug` and `Display` redact it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where a secret came from, for printing the resolved config without the secret itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Env(v) => write!(f, "env:{v}"),
+            SecretSource::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this config was read from (for messages and the stats page).
+    pub path: PathBuf,
+    pub listen: ListenConfig,
+    pub check: CheckConfig,
+    pub read: ReadConfig,
+    pub proxy: ProxyConfig,
+    pub stats: StatsConfig,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenConfig {
+    pub write: SocketAddr,
+    pub read: SocketAddr,
+    pub stats: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckConfig {
+    /// Time between two checks of one backend. Default 1 s.
+    pub interval: Duration,
+    /// Bound on one whole check: connect, login, query. Default 2 s.
+    pub timeout: Duration,
+    /// Consecutive successes to go up. Default 2.
+    pub rise: u32,
+    /// Consecutive failures to go down. Default 2.
+    pub fall: u32,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub password_source: Option<SecretSource>,
+    pub database: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadConfig {
+    pub balance: Balance,
+    /// Bytes of WAL a replica may be behind the primary and still get new read sessions.
+    pub max_lag: u64,
+    /// Age of the last replayed transaction, while the primary has more WAL, that a replica may have.
+    pub max_lag_time: Duration,
+    pub fallback_to_primary: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    pub connect_timeout: Duration,
+    pub client_startup_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub close_on_writer_change: bool,
+    pub tcp_keepalive: Duration,
+    pub tcp_user_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StatsConfig {
+    pub admin_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub name: String,
+    /// `host:port` as written; host names resolve at connect time.
+    pub address: String,
+    pub weight: u32,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &src)
+    }
+
+    /// Validates config text; `path` is only used in messages.
+    pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
+        Validator { path, src }.run()
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    src: &'a str,
+}
+
+impl Validator<'_> {
+    fn invalid<T>(&self, span: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
+        let line = if span.span().is_empty() && span.span().start == 0 {
+            0
+        } else {
+            error::line_of(self.src, span.span().start)
+        };
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line,
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn run(&self) -> Result<Config, ConfigError> {
+        let raw: FileConfig = toml::from_str(self.src).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| error::line_of(self.src, s.start))
+                .unwrap_or(0);
+            let message = e.message().trim().to_string();
+            // For an unknown key the span covers the key itself; otherwise the key is on that line.
+            let key = error::key_at_line(self.src, line).unwrap_or_else(|| "(top level)".into());
+            ConfigError::Parse {
+                path: self.path.to_path_buf(),
+                line,
+                key,
+                message,
+            }
+        })?;
+
+        let write = self.addr(&raw.listen.write, "listen.write")?;
+        let read = self.addr(&raw.listen.read, "listen.read")?;
+        let stats = self.addr(&raw.listen.stats, "listen.stats")?;
+        if write == read {
+            return Err(self.invalid(
+                &raw.listen.read,
+                "listen.read",
+                "must differ from listen.write",
+            ));
+        }
+        if stats == write || stats == read {
+            return Err(self.invalid(
+                &raw.listen.stats,
+                "listen.stats",
+                "must differ from listen.write and listen.read",
+            ));
+        }
+
+        let c = &raw.check;
+        if let Some(p) = &c.password {
+            return Err(self.invalid(
+                p,
+                "check.password",
+                "inline passwords are not accepted: use password_env or password_file",
+            ));
+        }
+        for (v, key) in [(&c.rise, "check.rise"), (&c.fall, "check.fall")] {
+            if *v.get_ref() == 0 {
+                return Err(self.invalid(v, key, "must be at least 1"));
+            }
+        }
+        if c.interval.is_zero() || c.timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                path: self.path.to_path_buf(),
+                line: 0,
+                key: "check.interval/check.timeout".into(),
+                message: "must be greater than zero".into(),
+            });
+        }
+        let (password, password_source) = match (&c.password_env, &c.password_file) {
+            (Some(e), Some(_)) => {
+                return Err(self.invalid(
+                    e,
+                    "check.password_env",
+                    "set either password_env or password_file, not both",
+                ))
+            }
+            (Some(var), None) => {
+                let v = std::env::var(var.get_ref()).map_err(|_| {
+                    self.invalid(
+                        var,
+                        "check.password_env",
+                        format!("environment variable {} is not set", var.get_ref()),
+                    )
+                })?;
+                (
+                    Some(Secret(v)),
+                    Some(SecretSource::Env(var.get_ref().clone())),
+                )
+            }
+            (None, Some(file)) => {
+                let p = PathBuf::from(file.get_ref());
+                let v = std::fs::read_to_string(&p).map_err(|e| {
+                    self.invalid(
+                        file,
+                        "check.password_file",
+                        format!("cannot read {}: {e}", p.display()),
+                    )
+                })?;
+                (
+                    Some(Secret(v.trim_end_matches(['\n', '\r']).to_string())),
+                    Some(SecretSource::File(p)),
+                )
+            }
+            // No password: trust authentication.
+            (None, None) => (None, None),
+        };
+
+        let mut names = HashSet::new();
+        let mut backends = Vec::with_capacity(raw.backends.len());
+        for b in &raw.backends {
+            let name = b.name.get_ref().trim();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+            {
+                return Err(self.invalid(
+                    &b.name,
+                    "backend.name",
+                    "must be non-empty and use only letters, digits, '-', '_' and '.'",
+                ));
+            }
+            if !names.insert(name.to_string()) {
+                return Err(self.invalid(
+                    &b.name,
+                    "backend.name",
+                    format!("duplicate backend name {name:?}"),
+                ));
+            }
+            let addr = b.address.get_ref().trim();
+            match addr.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+                _ => {
+                    return Err(self.invalid(
+                        &b.address,
+                        "backend.address",
+                        format!("{addr:?} is not host:port"),
+                    ))
+                }
+            }
+            if *b.weight.get_ref() == 0 {
+                return Err(self.invalid(&b.weight, "backend.weight", "must be at least 1"));
+            }
+            backends.push(BackendConfig {
+                name: name.to_string(),
+                address: addr.to_string(),
+                weight: *b.weight.get_ref(),
+            });
+        }
+        if backends.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: self.path.to_path_buf(),
+                line: 0,
+                key: "backend".into(),
+                message: "at least one [[backend]] is required".into(),
+            });
+        }
+
+        let admin_token = match (&raw.stats.admin_token_env, &raw.stats.admin_token_file) {
+            (Some(var), _) => std::env::var(var).ok().map(Secret),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .ok()
+                .map(|s| Secret(s.trim().to_string())),
+            (None, None) => None,
+        };
+
+        Ok(Config {
+            path: self.path.to_path_buf(),
+            listen: ListenConfig { write, read, stats },
+            check: CheckConfig {
+                interval: c.interval,
+                timeout: c.timeout,
+                rise: *c.rise.get_ref(),
+                fall: *c.fall.get_ref(),
+                user: c.user.clone(),
+                password,
+                password_source,
+                database: c.database.clone(),
+            },
+            read: ReadConfig {
+                balance: raw.read.balance,
+                max_lag: raw.read.max_lag,
+                max_lag_time: raw.read.max_lag_time,
+                fallback_to_primary: raw.read.fallback_to_primary,
+            },
+            proxy: ProxyConfig {
+                connect_timeout: raw.proxy.connect_timeout,
+                client_startup_timeout: raw.proxy.client_startup_timeout,
+                shutdown_timeout: raw.proxy.shutdown_timeout,
+                drain_timeout: raw.proxy.drain_timeout,
+                close_on_writer_change: raw.proxy.close_on_writer_change,
+                tcp_keepalive: raw.proxy.tcp_keepalive,
+                tcp_user_timeout: raw.proxy.tcp_user_timeout,
+            },
+            stats: StatsConfig { admin_token },
+            backends,
+        })
+    }
+
+    fn addr(&self, v: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+        v.get_ref().trim().parse().map_err(|_| {
+            self.invalid(
+                v,
+                key,
+                format!(
+                    "{:?} is not an ip:port listen address (e.g. \"0.0.0.0:5435\")",
+                    v.get_ref()
+                ),
+            )
+        })
+    }
+}
+
+impl Config {
+    /// The resolved settings as TOML-like text, for `pglb check`. Secrets show only their source.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let h = |d: Duration| humantime::format_duration(d).to_string();
+        let _ = writeln!(s, "# resolved from {}", self.path.display());
+        let _ = writeln!(s, "[listen]");
+        let _ = writeln!(s, "write = \"{}\"", self.listen.write);
+        let _ = writeln!(s, "read = \"{}\"", self.listen.read);
+        let _ = writeln!(s, "stats = \"{}\"", self.listen.stats);
+        let _ = writeln!(s, "\n[check]");
+        let _ = writeln!(s, "interval = \"{}\"", h(self.check.interval));
+        let _ = writeln!(s, "timeout = \"{}\"", h(self.check.timeout));
+        let _ = writeln!(s, "rise = {}", self.check.rise);
+        let _ = writeln!(s, "fall = {}", self.check.fall);
+        let _ = writeln!(s, "user = \"{}\"", self.check.user);
+        let _ = writeln!(
+            s,
+            "password = {}",
+            match &self.check.password_source {
+                Some(src) => format!("\"<from {src}>\""),
+                None => "none (trust)".into(),
+            }
+        );
+        let _ = writeln!(s, "database = \"{}\"", self.check.database);
+        let _ = writeln!(s, "\n[read]");
+        let _ = writeln!(s, "balance = \"{}\"", self.read.balance.as_str());
+        let _ = writeln!(s, "max_lag = {} # bytes", self.read.max_lag);
+        let _ = writeln!(s, "max_lag_time = \"{}\"", h(self.read.max_lag_time));
+        let _ = writeln!(s, "fallback_to_primary = {}", self.read.fallback_to_primary);
+        let p = &self.proxy;
+        let _ = writeln!(s, "\n[proxy]");
+        let _ = writeln!(s, "connect_timeout = \"{}\"", h(p.connect_timeout));
+        let _ = writeln!(
+            s,
+            "client_startup_timeout = \"{}\"",
+            h(p.client_startup_timeout)
+        );
+        let _ = writeln!(s, "shutdown_timeout = \"{}\"", h(p.shutdown_timeout));
+        let _ = writeln!(s, "drain_timeout = \"{}\"", h(p.drain_timeout));
+        let _ = writeln!(s, "close_on_writer_change = {}", p.close_on_writer_change);
+        let _ = writeln!(s, "tcp_keepalive = \"{}\"", h(p.tcp_keepalive));
+        let _ = writeln!(s, "tcp_user_timeout = \"{}\"", h(p.tcp_user_timeout));
+        let _ = writeln!(s, "\n[stats]");
+        let _ = writeln!(
+            s,
+            "admin_token = {}",
+            if self.stats.admin_token.is_some() {
+                "configured (admin actions on)"
+            } else {
+                "none (admin actions off)"
+            }
+        );
+        for b in &self.backends {
+            let _ = writeln!(s, "\n[[backend]]");
+            let _ = writeln!(s, "name = \"{}\"", b.name);
+            let _ = writeln!(s, "address = \"{}\"", b.address);
+            let _ = writeln!(s, "weight = {}", b.weight);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[listen]
+write = "127.0.0.1:5435"
+read = "127.0.0.1:5436"
+stats = "127.0.0.1:8404"
+
+[check]
+user = "pglb_check"
+
+[[backend]]
+name = "pg-0"
+address = "127.0.0.1:5432"
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("lb.toml"), s)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.check.interval, Duration::from_secs(1));
+        assert_eq!(c.check.rise, 2);
+        assert_eq!(c.read.max_lag, 16 << 20);
+        assert_eq!(c.read.balance, Balance::Leastconn);
+        assert!(c.read.fallback_to_primary);
+        assert_eq!(c.backends[0].weight, 1);
+        assert!(c.check.password.is_none());
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        std::env::set_var("PGLB_CHECK_PASSWORD_FOR_EXAMPLE_TEST", "x");
+        let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/lb.toml"))
+            .unwrap()
+            .replace(
+                "\"PGLB_CHECK_PASSWORD\"",
+                "\"PGLB_CHECK_PASSWORD_FOR_EXAMPLE_TEST\"",
+            );
+        let c = parse(&src).unwrap();
+        assert_eq!(c.backends.len(), 4);
+        assert_eq!(c.listen.write.port(), 5435);
+        assert_eq!(c.listen.read.port(), 5436);
+        assert_eq!(c.listen.stats.port(), 8404);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let src = MIN.replace(
+            "user = \"pglb_check\"",
+            "user = \"pglb_check\"\nintervall = \"1s\"",
+        );
+        let e = parse(&src).unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:9:"), "{e}");
+        assert!(e.contains("check.intervall"), "{e}");
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_size_are_refused_with_key() {
+        let e = parse(&MIN.replace("[check]", "[check]\ninterval = \"fast\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("check.interval"), "{e}");
+        let e = parse(&format!("{MIN}\n[read]\nmax_lag = \"16 parsecs\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("read.max_lag"), "{e}");
+        assert!(e.contains("invalid size"), "{e}");
+    }
+
+    #[test]
+    fn sizes_parse_like_postgresql() {
+        assert_eq!(file::parse_size("16MB").unwrap(), 16 << 20);
+        assert_eq!(file::parse_size("512kB").unwrap(), 512 << 10);
+        assert_eq!(file::parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(file::parse_size("100").unwrap(), 100);
+        assert!(file::parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn duplicate_backend_names_are_refused() {
+        let src = format!("{MIN}\n[[backend]]\nname = \"pg-0\"\naddress = \"h:1\"\n");
+        let e = parse(&src).unwrap_err().to_string();
+        assert!(e.contains("duplicate backend name"), "{e}");
+        assert!(e.contains("backend.name"), "{e}");
+        assert!(e.starts_with("lb.toml:15:"), "{e}");
+    }
+
+    #[test]
+    fn inline_password_is_refused() {
+        let e = parse(&MIN.replace("[check]", "[check]\npassword = \"hunter2\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("inline passwords are not accepted"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn missing_password_env_is_refused() {
+        let e = parse(&MIN.replace(
+            "[check]",
+            "[check]\npassword_env = \"PGLB_TEST_SURELY_UNSET_VAR\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("PGLB_TEST_SURELY_UNSET_VAR is not set"), "{e}");
+    }
+
+    #[test]
+    fn same_write_and_read_port_is_refused() {
+        let e = parse(&MIN.replace("127.0.0.1:5436", "127.0.0.1:5435"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen.read"), "{e}");
+    }
+
+    #[test]
+    fn bad_backend_address_is_refused() {
+        let e = parse(&MIN.replace("127.0.0.1:5432", "nohostport"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backend.address"), "{e}");
+    }
+
+    #[test]
+    fn describe_never_prints_the_password() {
+        std::env::set_var("PGLB_TEST_DESCRIBE_PW", "s3cret-value");
+        let c = parse(&MIN.replace(
+            "[check]",
+            "[check]\npassword_env = \"PGLB_TEST_DESCRIBE_PW\"",
+        ))
+        .unwrap();
+        let d = c.describe();
+        assert!(!d.contains("s3cret-value"));
+        assert!(d.contains("env:PGLB_TEST_DESCRIBE_PW"));
+        assert!(!format!("{c:?}").contains("s3cret-value"));
+    }
+}

@@ -1,0 +1,127 @@
+//! Metric names (consts, units in the name), their descriptions, and small helpers that record
+//! them with labels from closed sets or configured backend names only: never peer addresses or
+//! error text. The Prometheus recorder is installed once by `app`.
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+
+use crate::backend::PortRole;
+
+pub const BACKEND_UP: &str = "pglb_backend_up";
+pub const BACKEND_ROLE: &str = "pglb_backend_role";
+pub const SESSIONS_ACTIVE: &str = "pglb_sessions_active";
+pub const SESSIONS_TOTAL: &str = "pglb_sessions_total";
+pub const SESSIONS_CUT_TOTAL: &str = "pglb_sessions_cut_total";
+pub const CLIENTS_REJECTED_TOTAL: &str = "pglb_clients_rejected_total";
+pub const BACKEND_CONNECT_FAILURES_TOTAL: &str = "pglb_backend_connect_failures_total";
+pub const BYTES_TOTAL: &str = "pglb_bytes_total";
+pub const CHECK_DURATION_SECONDS: &str = "pglb_check_duration_seconds";
+pub const CHECKS_TOTAL: &str = "pglb_checks_total";
+pub const REPLICA_LAG_BYTES: &str = "pglb_replica_lag_bytes";
+pub const REPLICA_LAG_SECONDS: &str = "pglb_replica_lag_seconds";
+pub const CONFIG_RELOADS_TOTAL: &str = "pglb_config_reloads_total";
+pub const CONFIG_LAST_RELOAD_OK: &str = "pglb_config_last_reload_successful";
+pub const ACCEPT_ERRORS_TOTAL: &str = "pglb_accept_errors_total";
+pub const PRIMARY_KNOWN: &str = "pglb_primary_known";
+
+/// Registers descriptions; call once after installing the recorder.
+pub fn describe() {
+    describe_gauge!(BACKEND_UP, "1 when the backend passes its checks");
+    describe_gauge!(
+        BACKEND_ROLE,
+        "1 for the backend's current role (label role)"
+    );
+    describe_gauge!(SESSIONS_ACTIVE, "open client sessions");
+    describe_counter!(SESSIONS_TOTAL, "client sessions spliced to a backend");
+    describe_counter!(
+        SESSIONS_CUT_TOTAL,
+        "sessions closed by pglb (writer changed, backend disabled, shutdown)"
+    );
+    describe_counter!(
+        CLIENTS_REJECTED_TOTAL,
+        "clients refused before reaching a backend, by reason"
+    );
+    describe_counter!(
+        BACKEND_CONNECT_FAILURES_TOTAL,
+        "session connects to a backend that failed"
+    );
+    describe_counter!(
+        BYTES_TOTAL,
+        Unit::Bytes,
+        "bytes spliced, direction=in (client to backend) or out"
+    );
+    describe_histogram!(
+        CHECK_DURATION_SECONDS,
+        Unit::Seconds,
+        "duration of one health check"
+    );
+    describe_counter!(CHECKS_TOTAL, "health checks by result");
+    describe_gauge!(
+        REPLICA_LAG_BYTES,
+        Unit::Bytes,
+        "WAL bytes a replica's replay is behind the primary"
+    );
+    describe_gauge!(
+        REPLICA_LAG_SECONDS,
+        Unit::Seconds,
+        "how long the primary has been ahead of the replica's replay"
+    );
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        "config reloads by result (applied, rejected, unchanged)"
+    );
+    describe_gauge!(
+        CONFIG_LAST_RELOAD_OK,
+        "1 when the last config reload was applied or unchanged"
+    );
+    describe_counter!(
+        ACCEPT_ERRORS_TOTAL,
+        "accept() failures (e.g. out of file descriptors)"
+    );
+    describe_gauge!(
+        PRIMARY_KNOWN,
+        "1 when pglb knows a primary to send writes to"
+    );
+}
+
+pub fn session_started(port: PortRole, backend: &str) {
+    let labels = [
+        ("port", port.as_str().to_string()),
+        ("backend", backend.to_string()),
+    ];
+    gauge!(SESSIONS_ACTIVE, &labels).increment(1.0);
+    counter!(SESSIONS_TOTAL, &labels).increment(1);
+}
+
+pub fn session_ended(port: PortRole, backend: &str) {
+    gauge!(SESSIONS_ACTIVE, "port" => port.as_str(), "backend" => backend.to_string())
+        .decrement(1.0);
+}
+
+pub fn session_cut(port: PortRole, reason: &'static str) {
+    counter!(SESSIONS_CUT_TOTAL, "port" => port.as_str(), "reason" => reason).increment(1);
+}
+
+pub fn client_rejected(port: PortRole, reason: &'static str) {
+    counter!(CLIENTS_REJECTED_TOTAL, "port" => port.as_str(), "reason" => reason).increment(1);
+}
+
+pub fn backend_connect_failed(backend: &str, kind: &'static str) {
+    counter!(BACKEND_CONNECT_FAILURES_TOTAL, "backend" => backend.to_string(), "reason" => kind)
+        .increment(1);
+}
+
+pub fn accept_error(port: PortRole) {
+    counter!(ACCEPT_ERRORS_TOTAL, "port" => port.as_str()).increment(1);
+}
+
+pub fn check_result(backend: &str, result: &'static str, seconds: f64) {
+    counter!(CHECKS_TOTAL, "backend" => backend.to_string(), "result" => result).increment(1);
+    histogram!(CHECK_DURATION_SECONDS, "backend" => backend.to_string()).record(seconds);
+}
+
+pub fn config_reload(result: &'static str) {
+    counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
+    gauge!(CONFIG_LAST_RELOAD_OK).set(if result == "rejected" { 0.0 } else { 1.0 });
+}

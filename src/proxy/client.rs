@@ -1,0 +1,300 @@
+//! One client connection: read its first packet (the only one pglb reads), route it, connect a
+//! backend (trying the next candidate when one refuses), forward the first packet and splice.
+//! Write-port sessions end when their backend stops being the primary.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use super::splice::{splice, SpliceError};
+use crate::backend::net::{connect_tcp, ConnectError, SocketTuning};
+use crate::backend::probe::ProbeError;
+use crate::backend::{Backend, PortRole};
+use crate::metrics as m;
+use crate::pg::{self, sqlstate, FirstPacket, PacketError};
+use crate::routing::Cluster;
+
+/// Why reading the first packet failed.
+#[derive(Debug, thiserror::Error)]
+enum FirstPacketError {
+    #[error("client closed the connection before sending a startup packet")]
+    Closed,
+    #[error("no startup packet within {0:?}")]
+    Timeout(Duration),
+    #[error("invalid startup packet: {0}")]
+    Invalid(#[from] PacketError),
+    #[error("read startup packet: {0}")]
+    Io(std::io::Error),
+}
+
+async fn read_packet(client: &mut TcpStream) -> Result<Vec<u8>, FirstPacketError> {
+    let mut header = [0u8; 4];
+    match client.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(FirstPacketError::Closed)
+        }
+        Err(e) => return Err(FirstPacketError::Io(e)),
+    }
+    let len = pg::packet_length(header)?;
+    let mut packet = vec![0u8; len];
+    packet[..4].copy_from_slice(&header);
+    client
+        .read_exact(&mut packet[4..])
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => FirstPacketError::Closed,
+            _ => FirstPacketError::Io(e),
+        })?;
+    Ok(packet)
+}
+
+async fn read_first(
+    client: &mut TcpStream,
+    timeout: Duration,
+) -> Result<(Vec<u8>, FirstPacket), FirstPacketError> {
+    let packet = tokio::time::timeout(timeout, read_packet(client))
+        .await
+        .map_err(|_| FirstPacketError::Timeout(timeout))??;
+    let parsed = pg::parse_first_packet(&packet)?;
+    Ok((packet, parsed))
+}
+
+async fn send_fatal(client: &mut TcpStream, code: &str, message: &str) {
+    let _ = client.write_all(&pg::error_response(code, message)).await;
+    let _ = client.shutdown().await;
+}
+
+/// Everything a session needs from the process.
+#[derive(Clone)]
+pub struct SessionContext {
+    pub cluster: Arc<Cluster>,
+    /// Cancelled when the shutdown grace period is over: cut every session.
+    pub hard_stop: CancellationToken,
+}
+
+pub async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    port: PortRole,
+    ctx: SessionContext,
+    id: u64,
+) {
+    let span = tracing::info_span!("conn", id, %peer, port = port.as_str(), backend = tracing::field::Empty);
+    async move {
+        let cfg = ctx.cluster.config();
+        let tuning = SocketTuning {
+            keepalive: cfg.proxy.tcp_keepalive,
+            user_timeout: cfg.proxy.tcp_user_timeout,
+        };
+        if let Err(e) = tuning.apply(&client) {
+            debug!(error = %e, "cannot tune client socket");
+        }
+        let startup_timeout = cfg.proxy.client_startup_timeout;
+        let (first, parsed) = match read_first(&mut client, startup_timeout).await {
+            Ok(p) => p,
+            Err(FirstPacketError::Closed) => {
+                // A TCP health probe or a port scan: expected noise.
+                debug!("client closed before sending a startup packet");
+                return;
+            }
+            Err(e @ FirstPacketError::Timeout(_)) => {
+                m::client_rejected(port, "startup_timeout");
+                warn!(reason = %e, "closing client: startup timeout");
+                return;
+            }
+            Err(FirstPacketError::Invalid(e)) => {
+                m::client_rejected(port, e.kind());
+                warn!(reason = %e, "closing client: invalid startup packet");
+                let code = match e {
+                    PacketError::UnsupportedProtocol { .. } => sqlstate::FEATURE_NOT_SUPPORTED,
+                    _ => sqlstate::PROTOCOL_VIOLATION,
+                };
+                send_fatal(&mut client, code, &format!("pglb: {e}")).await;
+                return;
+            }
+            Err(e @ FirstPacketError::Io(_)) => {
+                debug!(reason = %e, "client error before startup");
+                return;
+            }
+        };
+
+        if let FirstPacket::CancelRequest { pid, key } = parsed {
+            forward_cancel(&ctx.cluster, pid, key, cfg.proxy.connect_timeout).await;
+            return;
+        }
+
+        let table = ctx.cluster.routing();
+        let candidates = table.candidates(port, &ctx.cluster.rr);
+        let mut chosen = None;
+        for b in candidates {
+            let address = b.config().address.clone();
+            match connect_tcp(&address, cfg.proxy.connect_timeout).await {
+                Ok(s) => {
+                    chosen = Some((b, s));
+                    break;
+                }
+                Err(e) => {
+                    warn!(backend = %b.name, %address, reason = %e, "backend connect failed, trying the next candidate");
+                    m::backend_connect_failed(&b.name, e.kind());
+                    if matches!(e, ConnectError::Refused | ConnectError::Timeout(_) | ConnectError::Dns(_)) {
+                        let (rise, fall) = ctx.cluster.rise_fall();
+                        let pe = ProbeError::from(e);
+                        b.report_connect_failure(pe, rise, fall);
+                    }
+                }
+            }
+        }
+        let Some((backend, backend_stream)) = chosen else {
+            let message = match port {
+                PortRole::Write => "pglb: no primary is available for writes",
+                PortRole::Read => "pglb: no replica is available for reads",
+            };
+            m::client_rejected(port, "no_backend");
+            warn!(first_packet = parsed.kind(), "no backend for this port: {message}");
+            refuse(&mut client, &parsed, message, startup_timeout).await;
+            return;
+        };
+        tracing::Span::current().record("backend", backend.name.as_str());
+        if let Err(e) = tuning.apply(&backend_stream) {
+            debug!(error = %e, "cannot tune backend socket");
+        }
+        session(client, backend_stream, &first, &parsed, backend, port, ctx).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// No backend: answer like a PostgreSQL server would, so psql prints the reason.
+async fn refuse(client: &mut TcpStream, first: &FirstPacket, message: &str, timeout: Duration) {
+    if matches!(first, FirstPacket::SslRequest | FirstPacket::GssEncRequest) {
+        // Decline encryption, then the client sends its StartupMessage in clear.
+        if client.write_all(b"N").await.is_err() {
+            return;
+        }
+        match read_first(client, timeout).await {
+            Ok((_, FirstPacket::Startup { .. })) => {}
+            // libpq may try GSS then SSL: decline again once.
+            Ok((_, FirstPacket::SslRequest | FirstPacket::GssEncRequest)) => {
+                if client.write_all(b"N").await.is_err() {
+                    return;
+                }
+                if read_first(client, timeout).await.is_err() {
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+    send_fatal(client, sqlstate::CANNOT_CONNECT_NOW, message).await;
+}
+
+struct ActiveGuard<'a>(&'a std::sync::atomic::AtomicU64, PortRole, String);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        m::session_ended(self.1, &self.2);
+    }
+}
+
+async fn session(
+    mut client: TcpStream,
+    mut backend_stream: TcpStream,
+    first: &[u8],
+    parsed: &FirstPacket,
+    backend: Arc<Backend>,
+    port: PortRole,
+    ctx: SessionContext,
+) {
+    let counters = backend.counters(port);
+    let active = counters.active.fetch_add(1, Ordering::Relaxed) + 1;
+    counters.total.fetch_add(1, Ordering::Relaxed);
+    counters.max.fetch_max(active, Ordering::Relaxed);
+    m::session_started(port, &backend.name);
+    let _active_guard = ActiveGuard(&counters.active, port, backend.name.clone());
+    debug!(first_packet = parsed.kind(), "session started");
+
+    if let Err(e) = backend_stream.write_all(first).await {
+        warn!(error = %e, "backend failed while forwarding the startup packet");
+        send_fatal(
+            &mut client,
+            sqlstate::CANNOT_CONNECT_NOW,
+            &format!("pglb: backend {} failed: {e}", backend.name),
+        )
+        .await;
+        return;
+    }
+    counters
+        .bytes_in
+        .fetch_add(first.len() as u64, Ordering::Relaxed);
+
+    let mut routing = ctx.cluster.subscribe();
+    let name = backend.name.clone();
+    let still_allowed = async {
+        loop {
+            if !routing.borrow_and_update().keeps(port, &name) {
+                return;
+            }
+            if routing.changed().await.is_err() {
+                // The cluster is gone: the process is ending; let the hard stop decide.
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = splice(&client, &backend_stream, &counters.bytes_in, &counters.bytes_out) => r,
+        _ = still_allowed => {
+            let reason = if port == PortRole::Write && ctx.cluster.routing().primary.as_ref().map(|p| &p.name) != Some(&backend.name) {
+                "writer_changed"
+            } else {
+                "backend_cut"
+            };
+            m::session_cut(port, reason);
+            info!(reason, "closing session: its backend may no longer serve this port");
+            return;
+        }
+        _ = ctx.hard_stop.cancelled() => {
+            m::session_cut(port, "shutdown");
+            info!(reason = "shutdown", "closing session: shutdown grace period over");
+            return;
+        }
+    };
+    match result {
+        Ok(()) => debug!("session ended"),
+        Err(SpliceError::Client(e)) => debug!(error = %e, "session ended by client error"),
+        Err(SpliceError::Backend(e)) => warn!(error = %e, "session ended by backend error"),
+    }
+}
+
+/// Sends a CancelRequest to every backend the port could have used: pglb does not track which
+/// backend a cancel key belongs to, and a key is meaningless (ignored) on any other server.
+async fn forward_cancel(cluster: &Cluster, pid: u32, key: u32, timeout: Duration) {
+    let packet = pg::cancel_request(pid, key);
+    let table = cluster.routing();
+    let sends = table.all.iter().map(|b| {
+        let address = b.config().address.clone();
+        let name = b.name.clone();
+        async move {
+            match connect_tcp(&address, timeout).await {
+                Ok(mut s) => {
+                    if let Err(e) = s.write_all(&packet).await {
+                        debug!(backend = %name, error = %e, "cancel forward failed");
+                    }
+                    // PostgreSQL closes after reading it; wait for that so it is delivered.
+                    let mut sink = [0u8; 1];
+                    let _ = tokio::time::timeout(timeout, s.read(&mut sink)).await;
+                }
+                Err(e) => debug!(backend = %name, reason = %e, "cancel forward: connect failed"),
+            }
+        }
+    });
+    futures_util::future::join_all(sends).await;
+    info!(pid, "cancel request forwarded");
+}

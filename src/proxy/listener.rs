@@ -1,0 +1,66 @@
+//! Accept loop of one port (write or read): bind, accept until cancelled, spawn a tracked task per
+//! connection. Transient accept errors (out of file descriptors, aborted connections) are logged
+//! once per burst and backed off, never ending the loop.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::client::{handle, SessionContext};
+use crate::backend::PortRole;
+
+static CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Binds a listening socket with SO_REUSEADDR, so a restarted pglb can bind at once.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Accepts on `listener` until `stop` is cancelled; sessions go on `sessions`.
+pub async fn serve(
+    listener: TcpListener,
+    port: PortRole,
+    ctx: SessionContext,
+    stop: CancellationToken,
+    sessions: TaskTracker,
+) {
+    let local = listener.local_addr().ok();
+    info!(port = port.as_str(), addr = ?local, "listening");
+    let mut last_error_log: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let id = CONN_ID.fetch_add(1, Ordering::Relaxed);
+                sessions.spawn(handle(stream, peer, port, ctx.clone(), id));
+            }
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS and friends: log once per burst, back off, go on.
+                if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    warn!(port = port.as_str(), error = %e, "accept failed; backing off");
+                    last_error_log = Some(Instant::now());
+                }
+                crate::metrics::accept_error(port);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        }
+    }
+    info!(port = port.as_str(), "stopped accepting");
+}
