@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -117,6 +117,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<StatsContext>, stop: Cancella
             let io = TokioIo::new(stream);
             let svc = service_fn(move |req| route(req, ctx.clone()));
             let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(io, svc);
             tokio::pin!(conn);
