@@ -714,6 +714,8 @@ mod tests {
                     name: format!("b{i}"),
                     address: "127.0.0.1:1".into(),
                     weight: if i == 0 { 3 } else { 1 },
+                    priority: 100,
+                    no_failover: false,
                 })
             })
             .collect()

@@ -19,6 +19,8 @@ pub struct FileConfig {
     pub proxy: FileProxy,
     #[serde(default)]
     pub stats: FileStats,
+    /// Only read by `pglb-promoter`; the balancer ignores it.
+    pub promoter: Option<FilePromoter>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<FileBackend>,
 }
@@ -249,6 +251,58 @@ pub struct FileBackend {
     pub address: Spanned<String>,
     #[serde(default = "default_weight")]
     pub weight: Spanned<u32>,
+    /// Promoter: among equally advanced replicas, the higher priority is promoted. Default 100.
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// Promoter: never promote this backend.
+    #[serde(default)]
+    pub no_failover: bool,
+}
+
+fn default_priority() -> u32 {
+    100
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePromoter {
+    #[serde(default = "default_promoter_user")]
+    pub user: String,
+    pub password_env: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
+    #[serde(default = "default_replication_user")]
+    pub replication_user: String,
+    pub replication_password_env: Option<Spanned<String>>,
+    pub replication_password_file: Option<Spanned<String>>,
+    #[serde(default = "default_failover_after", with = "humantime_serde")]
+    pub failover_after: Duration,
+    #[serde(default)]
+    pub synchronous: bool,
+    /// How often the promoter checks the servers. Default 500 ms.
+    #[serde(default = "default_promoter_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// pglb's stats endpoint (`http://host:8404`), a witness when reachable. Default: derived
+    /// from `listen.stats` on localhost.
+    pub pglb_url: Option<String>,
+    /// Where the promoter serves its own state (`/status`, `/metrics`). Default "0.0.0.0:8405".
+    #[serde(default = "default_promoter_listen")]
+    pub listen: String,
+}
+
+fn default_promoter_user() -> String {
+    "postgres".into()
+}
+fn default_replication_user() -> String {
+    "replicator".into()
+}
+fn default_failover_after() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_promoter_interval() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_promoter_listen() -> String {
+    "0.0.0.0:8405".into()
 }
 
 fn default_weight() -> Spanned<u32> {

@@ -42,6 +42,20 @@ pub enum SecretSource {
     File(PathBuf),
 }
 
+impl SecretSource {
+    /// Reads the secret now (env var or file, trailing newline dropped).
+    pub fn resolve(&self) -> Result<Secret, String> {
+        match self {
+            SecretSource::Env(v) => std::env::var(v)
+                .map(Secret)
+                .map_err(|_| format!("environment variable {v} is not set")),
+            SecretSource::File(p) => std::fs::read_to_string(p)
+                .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_string()))
+                .map_err(|e| format!("cannot read {}: {e}", p.display())),
+        }
+    }
+}
+
 impl fmt::Display for SecretSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -60,7 +74,28 @@ pub struct Config {
     pub read: ReadConfig,
     pub proxy: ProxyConfig,
     pub stats: StatsConfig,
+    /// `[promoter]`, present only when the file has it.
+    pub promoter: Option<PromoterConfig>,
     pub backends: Vec<BackendConfig>,
+}
+
+/// Settings of `pglb-promoter` (see docs/failover.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromoterConfig {
+    /// May run pg_promote(), ALTER SYSTEM, read pg_stat_wal_receiver. Default "postgres".
+    pub user: String,
+    /// Where the password comes from; `SecretSource::resolve` reads it (promoter only).
+    pub password: Option<SecretSource>,
+    /// What re-pointed replicas use in primary_conninfo. Default "replicator".
+    pub replication_user: String,
+    pub replication_password: Option<SecretSource>,
+    /// How long the primary must be gone, witnesses agreeing. Default 3 s.
+    pub failover_after: Duration,
+    pub synchronous: bool,
+    /// Promoter check interval. Default 500 ms.
+    pub interval: Duration,
+    pub pglb_url: Option<String>,
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +153,10 @@ pub struct BackendConfig {
     /// `host:port` as written; host names resolve at connect time.
     pub address: String,
     pub weight: u32,
+    /// Promoter tie-breaker: higher wins among equally advanced replicas. Default 100.
+    pub priority: u32,
+    /// Promoter never promotes this backend.
+    pub no_failover: bool,
 }
 
 impl Config {
@@ -212,43 +251,35 @@ impl Validator<'_> {
                 message: "must be greater than zero".into(),
             });
         }
-        let (password, password_source) = match (&c.password_env, &c.password_file) {
-            (Some(e), Some(_)) => {
-                return Err(self.invalid(
-                    e,
-                    "check.password_env",
-                    "set either password_env or password_file, not both",
-                ))
+        let (password, password_source) =
+            self.secret(&c.password_env, &c.password_file, "check.password")?;
+        let promoter = match &raw.promoter {
+            None => None,
+            Some(p) => {
+                // Resolved by the promoter at its start: the balancer must not need them.
+                let source = |env: &Option<Spanned<String>>, file: &Option<Spanned<String>>| {
+                    env.as_ref()
+                        .map(|e| SecretSource::Env(e.get_ref().clone()))
+                        .or_else(|| {
+                            file.as_ref()
+                                .map(|f| SecretSource::File(f.get_ref().into()))
+                        })
+                };
+                let password = source(&p.password_env, &p.password_file);
+                let replication_password =
+                    source(&p.replication_password_env, &p.replication_password_file);
+                Some(PromoterConfig {
+                    user: p.user.clone(),
+                    password,
+                    replication_user: p.replication_user.clone(),
+                    replication_password,
+                    failover_after: p.failover_after,
+                    synchronous: p.synchronous,
+                    interval: p.interval,
+                    pglb_url: p.pglb_url.clone(),
+                    listen: p.listen.clone(),
+                })
             }
-            (Some(var), None) => {
-                let v = std::env::var(var.get_ref()).map_err(|_| {
-                    self.invalid(
-                        var,
-                        "check.password_env",
-                        format!("environment variable {} is not set", var.get_ref()),
-                    )
-                })?;
-                (
-                    Some(Secret(v)),
-                    Some(SecretSource::Env(var.get_ref().clone())),
-                )
-            }
-            (None, Some(file)) => {
-                let p = PathBuf::from(file.get_ref());
-                let v = std::fs::read_to_string(&p).map_err(|e| {
-                    self.invalid(
-                        file,
-                        "check.password_file",
-                        format!("cannot read {}: {e}", p.display()),
-                    )
-                })?;
-                (
-                    Some(Secret(v.trim_end_matches(['\n', '\r']).to_string())),
-                    Some(SecretSource::File(p)),
-                )
-            }
-            // No password: trust authentication.
-            (None, None) => (None, None),
         };
 
         let mut names = HashSet::new();
@@ -291,6 +322,8 @@ impl Validator<'_> {
                 name: name.to_string(),
                 address: addr.to_string(),
                 weight: *b.weight.get_ref(),
+                priority: b.priority,
+                no_failover: b.no_failover,
             });
         }
         if backends.is_empty() {
@@ -339,8 +372,53 @@ impl Validator<'_> {
                 tcp_user_timeout: raw.proxy.tcp_user_timeout,
             },
             stats: StatsConfig { admin_token },
+            promoter,
             backends,
         })
+    }
+
+    /// Resolves a secret given as `<key>_env` or `<key>_file`; none means no password (trust).
+    fn secret(
+        &self,
+        env: &Option<Spanned<String>>,
+        file: &Option<Spanned<String>>,
+        key: &str,
+    ) -> Result<(Option<Secret>, Option<SecretSource>), ConfigError> {
+        match (env, file) {
+            (Some(e), Some(_)) => Err(self.invalid(
+                e,
+                &format!("{key}_env"),
+                "set either the _env or the _file form, not both",
+            )),
+            (Some(var), None) => {
+                let v = std::env::var(var.get_ref()).map_err(|_| {
+                    self.invalid(
+                        var,
+                        &format!("{key}_env"),
+                        format!("environment variable {} is not set", var.get_ref()),
+                    )
+                })?;
+                Ok((
+                    Some(Secret(v)),
+                    Some(SecretSource::Env(var.get_ref().clone())),
+                ))
+            }
+            (None, Some(f)) => {
+                let p = PathBuf::from(f.get_ref());
+                let v = std::fs::read_to_string(&p).map_err(|e| {
+                    self.invalid(
+                        f,
+                        &format!("{key}_file"),
+                        format!("cannot read {}: {e}", p.display()),
+                    )
+                })?;
+                Ok((
+                    Some(Secret(v.trim_end_matches(['\n', '\r']).to_string())),
+                    Some(SecretSource::File(p)),
+                ))
+            }
+            (None, None) => Ok((None, None)),
+        }
     }
 
     fn addr(&self, v: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
