@@ -18,7 +18,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
+
+use crate::backend::AdminState;
 
 pub use snapshot::{BackendSnapshot, ReloadStatus, Snapshot};
 
@@ -43,8 +45,97 @@ fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp 
         .expect("static headers are valid")
 }
 
+/// Compares without an early exit, so the token cannot be guessed byte by byte from timings.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /api/backends/{name}/{drain|disable|enable}` with `Authorization: Bearer <token>`.
+fn admin(req: &Request<Incoming>, ctx: &StatsContext, name: &str, action: &str) -> Resp {
+    let cfg = ctx.cluster.config();
+    let Some(token) = &cfg.stats.admin_token else {
+        return text(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "admin actions are off: set [stats] admin_token_env or admin_token_file\n",
+        );
+    };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !same_secret(given.as_bytes(), token.expose().as_bytes()) {
+        warn!(backend = %name, action, authorization = if given.is_empty() { "missing" } else { "wrong" }, "admin action refused: bad token");
+        return Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header("www-authenticate", "Bearer")
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from_static(b"unauthorized\n")))
+            .expect("static headers are valid");
+    }
+    let state = match action {
+        "drain" => AdminState::Drain,
+        "disable" => AdminState::Disabled,
+        "enable" => AdminState::Enabled,
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "unknown action: use drain, disable or enable\n",
+            )
+        }
+    };
+    let Some(backend) = ctx.cluster.find(name) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no backend named {name:?}\n"),
+        );
+    };
+    let before = backend.admin_state();
+    backend.set_admin_state(state);
+    ctx.cluster.recompute();
+    info!(backend = %name, from = ?before, to = ?state, "admin action");
+    text(
+        StatusCode::OK,
+        "application/json",
+        format!(
+            "{{\"backend\":{name:?},\"admin_state\":\"{}\"}}\n",
+            action_state(state)
+        ),
+    )
+}
+
+fn action_state(s: AdminState) -> &'static str {
+    match s {
+        AdminState::Enabled => "enabled",
+        AdminState::Drain => "drain",
+        AdminState::Disabled => "disabled",
+    }
+}
+
 async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, Infallible> {
-    let path = req.uri().path();
+    let path = req.uri().path().to_string();
+    if let Some(rest) = path.strip_prefix("/api/backends/") {
+        if req.method() != Method::POST {
+            return Ok(text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "use POST\n",
+            ));
+        }
+        let resp = match rest.split_once('/') {
+            Some((name, action)) => admin(&req, &ctx, name, action),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "use /api/backends/{name}/{drain|disable|enable}\n",
+            ),
+        };
+        return Ok(resp);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -52,7 +143,7 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
             "method not allowed\n",
         ));
     }
-    let resp = match path {
+    let resp = match path.as_str() {
         "/" => {
             let snap = Snapshot::take(&ctx);
             text(

@@ -75,6 +75,8 @@ pub struct Snapshot {
     pub primary: Option<String>,
     /// Replicas taking new read sessions.
     pub readers: Vec<String>,
+    /// Reads go to the primary when no replica qualifies.
+    pub fallback_to_primary: bool,
     pub listen: Listen,
     pub backends: Vec<BackendSnapshot>,
 }
@@ -164,6 +166,7 @@ impl Snapshot {
             reload,
             primary: table.primary.as_ref().map(|p| p.name.clone()),
             readers: table.readers.iter().map(|b| b.name.clone()).collect(),
+            fallback_to_primary: cfg.read.fallback_to_primary,
             listen: Listen {
                 write: cfg.listen.write.to_string(),
                 read: cfg.listen.read.to_string(),

@@ -1,32 +1,237 @@
-//! The HTML stats page. Placeholder rendering until the templated page lands.
+//! The HTML stats page: a template (`templates/stats.html`, askama, escaped by default) filled
+//! from a `Snapshot`. One table per port, one row per backend; refreshes itself, no JavaScript.
 
+use askama::Template;
+
+use super::snapshot::{BackendSnapshot, PortSnapshot};
 use super::Snapshot;
+use crate::backend::Role;
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+struct Row {
+    name: String,
+    address: String,
+    role: &'static str,
+    state: &'static str,
+    since: String,
+    lag_bytes: String,
+    lag_seconds: String,
+    timeline: String,
+    now: u64,
+    total: u64,
+    max: u64,
+    bytes_in: String,
+    bytes_out: String,
+    check_ms: String,
+    error: String,
+    /// Takes new sessions on this port.
+    target: bool,
+}
+
+struct PortTable {
+    title: &'static str,
+    listen: String,
+    rows: Vec<Row>,
+}
+
+#[derive(Template)]
+#[template(path = "stats.html")]
+struct Page {
+    version: &'static str,
+    uptime: String,
+    config_file: String,
+    generation: u64,
+    reload_result: String,
+    reload_ok: bool,
+    reload_counts: String,
+    reload_error: Option<String>,
+    primary: String,
+    has_primary: bool,
+    readers: String,
+    refresh_seconds: u32,
+    tables: Vec<PortTable>,
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn row(b: &BackendSnapshot, p: &PortSnapshot, target: bool) -> Row {
+    Row {
+        name: b.name.clone(),
+        address: b.address.clone(),
+        role: b.role.as_str(),
+        state: b.state,
+        since: duration(b.seconds_since_change),
+        lag_bytes: b.lag_bytes.map(bytes).unwrap_or_default(),
+        lag_seconds: b.lag_seconds.map(|s| format!("{s:.1}")).unwrap_or_default(),
+        timeline: b.timeline.map(|t| t.to_string()).unwrap_or_default(),
+        now: p.sessions_active,
+        total: p.sessions_total,
+        max: p.sessions_max,
+        bytes_in: bytes(p.bytes_in),
+        bytes_out: bytes(p.bytes_out),
+        check_ms: b
+            .check_latency_ms
+            .map(|m| format!("{m:.1}"))
+            .unwrap_or_default(),
+        error: b.last_error.clone().unwrap_or_default(),
+        target,
+    }
 }
 
 pub fn render(s: &Snapshot) -> String {
-    let mut rows = String::new();
-    for b in &s.backends {
-        rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-            esc(&b.name),
-            esc(&b.address),
-            b.role.as_str(),
-            b.state,
-            b.lag_bytes.map(|l| l.to_string()).unwrap_or_default(),
-            esc(b.last_error.as_deref().unwrap_or("")),
-        ));
+    let is_primary = |b: &BackendSnapshot| s.primary.as_deref() == Some(b.name.as_str());
+    let write = PortTable {
+        title: "write port",
+        listen: s.listen.write.clone(),
+        rows: s
+            .backends
+            .iter()
+            .map(|b| row(b, &b.write, is_primary(b)))
+            .collect(),
+    };
+    let fallback = s.readers.is_empty() && s.fallback_to_primary;
+    let read = PortTable {
+        title: "read port",
+        listen: s.listen.read.clone(),
+        rows: s
+            .backends
+            .iter()
+            .map(|b| {
+                let target = s.readers.contains(&b.name) || (fallback && is_primary(b));
+                row(b, &b.read, target)
+            })
+            .collect(),
+    };
+    let page = Page {
+        version: s.version,
+        uptime: duration(s.uptime_seconds),
+        config_file: s.config_file.clone(),
+        generation: s.generation,
+        reload_ok: s.reload.result != "rejected",
+        reload_result: s.reload.result.clone(),
+        reload_counts: format!(
+            "{} applied, {} refused",
+            s.reload.applied, s.reload.rejected
+        ),
+        reload_error: s.reload.error.clone(),
+        primary: s.primary.clone().unwrap_or_else(|| "none".into()),
+        has_primary: s.primary.is_some(),
+        readers: if s.readers.is_empty() {
+            if fallback {
+                "none (reads go to the primary)".into()
+            } else {
+                "none".into()
+            }
+        } else {
+            s.readers.join(", ")
+        },
+        refresh_seconds: 2,
+        tables: vec![write, read],
+    };
+    page.render()
+        .unwrap_or_else(|e| format!("<pre>stats page failed to render: {e}</pre>"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_units() {
+        assert_eq!(duration(5.0), "5s");
+        assert_eq!(duration(125.0), "2m05s");
+        assert_eq!(duration(7300.0), "2h01m");
+        assert_eq!(bytes(10), "10 B");
+        assert_eq!(bytes(16 << 20), "16.0 MB");
     }
-    format!(
-        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2><title>pglb</title></head>\
-         <body><h1>pglb {}</h1><p>primary: {}</p><table><tr><th>name</th><th>address</th><th>role</th><th>state</th><th>lag bytes</th><th>last error</th></tr>\n{}</table></body></html>\n",
-        s.version,
-        esc(s.primary.as_deref().unwrap_or("none")),
-        rows
-    )
+
+    fn snapshot() -> Snapshot {
+        let port = PortSnapshot {
+            sessions_active: 3,
+            sessions_total: 40,
+            sessions_max: 7,
+            bytes_in: 2048,
+            bytes_out: 1 << 20,
+        };
+        let b = BackendSnapshot {
+            name: "pg-1".into(),
+            address: "10.0.0.2:5432".into(),
+            weight: 1,
+            role: Role::Replica,
+            state: "down",
+            admin_state: crate::backend::AdminState::Enabled,
+            seconds_since_change: 65.0,
+            in_recovery: Some(true),
+            timeline: Some(2),
+            system_id: None,
+            lsn: None,
+            receive_lsn: None,
+            lag_bytes: Some(4096),
+            lag_seconds: Some(1.5),
+            read_eligible: false,
+            streaming: Some(false),
+            check_latency_ms: Some(3.25),
+            last_check_unix: None,
+            last_error: Some("authentication failed: <b>bad</b>".into()),
+            last_error_kind: Some("auth"),
+            sessions_active: 6,
+            write: port.clone(),
+            read: port,
+        };
+        Snapshot {
+            version: "0.0.0",
+            uptime_seconds: 10.0,
+            config_file: "lb.toml".into(),
+            generation: 4,
+            reload: Default::default(),
+            primary: None,
+            readers: vec![],
+            fallback_to_primary: false,
+            listen: super::super::snapshot::Listen {
+                write: "w".into(),
+                read: "r".into(),
+                stats: "s".into(),
+            },
+            backends: vec![b],
+        }
+    }
+
+    #[test]
+    fn renders_one_table_per_port_with_escaped_errors() {
+        let html = render(&snapshot());
+        assert_eq!(html.matches("<table>").count(), 2);
+        assert!(html.contains("write port") && html.contains("read port"));
+        assert!(html.contains("pg-1"));
+        assert!(html.contains("1m05s"));
+        assert!(html.contains("4.0 kB"));
+        assert!(
+            html.contains("authentication failed: &#60;b&#62;bad&#60;/b&#62;")
+                || html.contains("authentication failed: &lt;b&gt;bad&lt;/b&gt;"),
+            "{html}"
+        );
+        assert!(!html.contains("<b>bad</b>"));
+        assert!(html.contains("generation <b>4</b>"));
+    }
 }
