@@ -5,7 +5,6 @@ use askama::Template;
 
 use super::snapshot::{BackendSnapshot, PortSnapshot};
 use super::Snapshot;
-use crate::backend::Role;
 
 struct Row {
     name: String,
@@ -157,6 +156,7 @@ pub fn render(s: &Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Role;
 
     #[test]
     fn human_units() {
