@@ -9,6 +9,7 @@
 //! - `pg`: the few wire-protocol pieces pglb reads and writes.
 //! - `http`: stats page, `/stats.json`, `/metrics`, `/health`.
 //! - `metrics`: metric names and recording helpers.
+//! - `promoter`: the failover sidecar (`pglb-promoter`): observe, decide (pure), act.
 //! - `signals`: SIGTERM/SIGINT/SIGHUP.
 //! - `app`: wiring, lifecycle and graceful shutdown.
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod pg;
+pub mod promoter;
 pub mod proxy;
 pub mod reload;
 pub mod routing;

@@ -558,10 +558,8 @@ impl Cluster {
         let mut all: Vec<Arc<Backend>> = backends.iter().cloned().collect();
         {
             let mut retired = lock(&self.retired);
-            retired.retain(|r| {
-                // Forget a drained backend once its last session is gone.
-                r.backend.active_sessions() > 0 || now < r.deadline
-            });
+            // Forget a removed backend once its last session is gone.
+            retired.retain(|r| r.backend.active_sessions() > 0);
             for r in retired.iter() {
                 all.push(r.backend.clone());
                 if now >= r.deadline {
