@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,14 +26,22 @@ use crate::routing::Cluster;
 fn prometheus() -> Option<PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
     HANDLE
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(h) => {
-                crate::metrics::describe();
-                Some(h)
-            }
-            Err(e) => {
-                warn!(error = %e, "metrics recorder not installed");
-                None
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new().set_buckets_for_metric(
+                Matcher::Full(crate::metrics::CHECK_DURATION_SECONDS.to_string()),
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            );
+            match builder.and_then(|b| b.install_recorder()) {
+                Ok(h) => {
+                    crate::metrics::describe();
+                    Some(h)
+                }
+                Err(e) => {
+                    warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
             }
         })
         .clone()

@@ -298,12 +298,21 @@ pub async fn run_checker(
             tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
         }
         let address = backend.config().address.clone();
+        let started = std::time::Instant::now();
         let result = tokio::select! {
             _ = token.cancelled() => return,
             r = tokio::time::timeout(cfg.check.timeout, probe::probe(&address, &cfg.check)) => {
                 r.unwrap_or(Err(ProbeError::Timeout(cfg.check.timeout)))
             }
         };
+        crate::metrics::check_result(
+            &backend.name,
+            match &result {
+                Ok(_) => "ok",
+                Err(e) => e.kind(),
+            },
+            started.elapsed().as_secs_f64(),
+        );
         backend.record(result, cfg.check.rise, cfg.check.fall);
         on_result();
     }
