@@ -22,6 +22,7 @@ pub const REPLICA_LAG_BYTES: &str = "pglb_replica_lag_bytes";
 pub const REPLICA_LAG_SECONDS: &str = "pglb_replica_lag_seconds";
 pub const CONFIG_RELOADS_TOTAL: &str = "pglb_config_reloads_total";
 pub const CONFIG_LAST_RELOAD_OK: &str = "pglb_config_last_reload_successful";
+pub const SESSIONS_QUEUED_TOTAL: &str = "pglb_sessions_queued_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "pglb_accept_errors_total";
 pub const PRIMARY_KNOWN: &str = "pglb_primary_known";
 
@@ -124,4 +125,8 @@ pub fn check_result(backend: &str, result: &'static str, seconds: f64) {
 pub fn config_reload(result: &'static str) {
     counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
     gauge!(CONFIG_LAST_RELOAD_OK).set(if result == "rejected" { 0.0 } else { 1.0 });
+}
+
+pub fn session_queued(port: PortRole) {
+    counter!(SESSIONS_QUEUED_TOTAL, "port" => port.as_str()).increment(1);
 }

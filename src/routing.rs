@@ -261,7 +261,8 @@ struct Retired {
 struct DecisionState {
     fence: FenceMemory,
     history: LsnHistory,
-    conflict_logged: Option<String>,
+    /// When the two-primaries error was last logged (repeated once per check interval).
+    conflict_logged: Option<Instant>,
     last_primary: Option<String>,
 }
 
@@ -275,6 +276,8 @@ pub struct Cluster {
     routing: watch::Sender<Arc<RoutingTable>>,
     generation: AtomicU64,
     pub rr: AtomicUsize,
+    /// Notified whenever a session ends, so sessions queued for a full backend re-check.
+    pub slot_freed: Arc<tokio::sync::Notify>,
     token: CancellationToken,
     tracker: TaskTracker,
 }
@@ -300,6 +303,7 @@ impl Cluster {
             routing,
             generation: AtomicU64::new(0),
             rr: AtomicUsize::new(0),
+            slot_freed: Arc::new(tokio::sync::Notify::new()),
             token,
             tracker,
         });
@@ -447,8 +451,8 @@ impl Cluster {
 
         let mut st = lock(&self.state);
         let decision = decide_roles(&views, &mut st.fence);
-        match (&decision.conflict, &st.conflict_logged) {
-            (Some(c), _) => {
+        match (&decision.conflict, st.conflict_logged) {
+            (Some(c), last) if last.is_none_or(|t| now.duration_since(t) >= cfg.check.interval) => {
                 let who: Vec<_> = decision
                     .roles
                     .iter()
@@ -458,15 +462,14 @@ impl Cluster {
                     .map(|((_, b), v)| format!("{} (timeline {})", b.name, v.timeline.unwrap_or(0)))
                     .collect();
                 error!(conflict = %c, servers = ?who, "two writable primaries on the same timeline: refusing writes until one is gone");
-                st.conflict_logged = Some(c.clone());
+                st.conflict_logged = Some(now);
             }
             (None, Some(_)) => {
                 info!("primary conflict resolved");
                 st.conflict_logged = None;
             }
-            (None, None) => {}
+            _ => {}
         }
-
         let primary = decision.primary.map(|i| backends[i].clone());
         let primary_pos = decision
             .primary
@@ -714,6 +717,7 @@ mod tests {
                     weight: if i == 0 { 3 } else { 1 },
                     priority: 100,
                     no_failover: false,
+                    maxconn: 0,
                 })
             })
             .collect()

@@ -135,6 +135,46 @@ pub struct Backend {
     retired: AtomicBool,
     /// Wakes the checker early (a session connect was refused).
     recheck: Notify,
+    /// Sessions over both ports, reserved before connecting (the maxconn count).
+    reserved: AtomicU64,
+}
+
+/// A reserved session on a backend: counted in the backend's active sessions (and its maxconn)
+/// from reservation until dropped, on every exit path.
+pub struct SessionSlot {
+    backend: Arc<Backend>,
+    port: PortRole,
+    freed: Arc<Notify>,
+    connected: bool,
+}
+
+impl SessionSlot {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    /// The backend connection is up: count the session.
+    pub fn connected(&mut self) {
+        let c = self.backend.counters(self.port);
+        c.total.fetch_add(1, Ordering::Relaxed);
+        c.max
+            .fetch_max(c.active.load(Ordering::Relaxed), Ordering::Relaxed);
+        crate::metrics::session_started(self.port, &self.backend.name);
+        self.connected = true;
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        let c = self.backend.counters(self.port);
+        c.active.fetch_sub(1, Ordering::Relaxed);
+        self.backend.reserved.fetch_sub(1, Ordering::Relaxed);
+        if self.connected {
+            crate::metrics::session_ended(self.port, &self.backend.name);
+        }
+        // Queued sessions waiting for a slot re-check.
+        self.freed.notify_waiters();
+    }
 }
 
 impl std::fmt::Debug for Backend {
@@ -155,6 +195,38 @@ impl Backend {
             admin: AtomicU8::new(0),
             retired: AtomicBool::new(false),
             recheck: Notify::new(),
+            reserved: AtomicU64::new(0),
+        })
+    }
+
+    /// Reserves a session slot unless the backend is at its maxconn (0 = no limit).
+    pub fn try_reserve(
+        self: &Arc<Self>,
+        port: PortRole,
+        freed: &Arc<Notify>,
+    ) -> Option<SessionSlot> {
+        let max = self.config().maxconn;
+        let mut cur = self.reserved.load(Ordering::Relaxed);
+        loop {
+            if max > 0 && cur >= max {
+                return None;
+            }
+            match self.reserved.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        self.counters(port).active.fetch_add(1, Ordering::Relaxed);
+        Some(SessionSlot {
+            backend: self.clone(),
+            port,
+            freed: freed.clone(),
+            connected: false,
         })
     }
 

@@ -197,6 +197,21 @@ pub struct FileProxy {
     pub drain_timeout: Duration,
     #[serde(default = "yes")]
     pub close_on_writer_change: bool,
+    /// Open client connections per listener (each of write and read).
+    #[serde(default = "default_maxconn")]
+    pub maxconn: u64,
+    /// Sessions per backend, both ports together; 0 = no limit. `[[backend]] maxconn` overrides.
+    #[serde(default)]
+    pub backend_maxconn: u64,
+    /// How long a session waits for a backend under its maxconn before it is refused.
+    #[serde(default = "default_queue_timeout", with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// Close write-port sessions with no traffic either way for this long; "0s" = never.
+    #[serde(default, with = "humantime_serde")]
+    pub write_idle_timeout: Duration,
+    /// Same for the read port.
+    #[serde(default, with = "humantime_serde")]
+    pub read_idle_timeout: Duration,
     #[serde(default = "default_keepalive", with = "humantime_serde")]
     pub tcp_keepalive: Duration,
     #[serde(default = "default_user_timeout", with = "humantime_serde")]
@@ -211,6 +226,11 @@ impl Default for FileProxy {
             shutdown_timeout: default_shutdown_timeout(),
             drain_timeout: default_drain_timeout(),
             close_on_writer_change: true,
+            maxconn: default_maxconn(),
+            backend_maxconn: 0,
+            queue_timeout: default_queue_timeout(),
+            write_idle_timeout: Duration::ZERO,
+            read_idle_timeout: Duration::ZERO,
             tcp_keepalive: default_keepalive(),
             tcp_user_timeout: default_user_timeout(),
         }
@@ -226,6 +246,12 @@ fn default_startup_timeout() -> Duration {
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_maxconn() -> u64 {
+    10_000
+}
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(300)
 }
@@ -239,6 +265,13 @@ fn default_user_timeout() -> Duration {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileStats {
+    /// Require `Authorization: Basic` with this user for reading the stats pages.
+    pub read_user: Option<String>,
+    pub read_password_env: Option<Spanned<String>>,
+    pub read_password_file: Option<Spanned<String>>,
+    /// Or a bearer token for reading (the admin token also reads).
+    pub read_token_env: Option<Spanned<String>>,
+    pub read_token_file: Option<Spanned<String>>,
     /// Env var holding the bearer token for admin actions; without a token they are off.
     pub admin_token_env: Option<String>,
     pub admin_token_file: Option<String>,
@@ -257,6 +290,8 @@ pub struct FileBackend {
     /// Promoter: never promote this backend.
     #[serde(default)]
     pub no_failover: bool,
+    /// Sessions on this backend, both ports; overrides `[proxy] backend_maxconn`.
+    pub maxconn: Option<u64>,
 }
 
 fn default_priority() -> u32 {

@@ -138,6 +138,13 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
     pub drain_timeout: Duration,
     pub close_on_writer_change: bool,
+    /// Open client connections per listener. Default 10000.
+    pub maxconn: u64,
+    /// Queue wait for a backend at its maxconn. Default 5 s.
+    pub queue_timeout: Duration,
+    /// Idle session timeouts per port; zero = off (the default).
+    pub write_idle_timeout: Duration,
+    pub read_idle_timeout: Duration,
     pub tcp_keepalive: Duration,
     pub tcp_user_timeout: Duration,
 }
@@ -145,6 +152,17 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct StatsConfig {
     pub admin_token: Option<Secret>,
+    /// Basic-auth user and password required to read the stats pages (not `/health`).
+    pub read_basic: Option<(String, Secret)>,
+    /// Bearer token accepted for reading.
+    pub read_token: Option<Secret>,
+}
+
+impl StatsConfig {
+    /// Whether reading the stats pages needs credentials.
+    pub fn read_protected(&self) -> bool {
+        self.read_basic.is_some() || self.read_token.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +175,8 @@ pub struct BackendConfig {
     pub priority: u32,
     /// Promoter never promotes this backend.
     pub no_failover: bool,
+    /// Sessions on this backend over both ports; 0 = no limit.
+    pub maxconn: u64,
 }
 
 impl Config {
@@ -324,6 +344,7 @@ impl Validator<'_> {
                 weight: *b.weight.get_ref(),
                 priority: b.priority,
                 no_failover: b.no_failover,
+                maxconn: b.maxconn.unwrap_or(raw.proxy.backend_maxconn),
             });
         }
         if backends.is_empty() {
@@ -342,6 +363,32 @@ impl Validator<'_> {
                 .map(|s| Secret(s.trim().to_string())),
             (None, None) => None,
         };
+
+        let st = &raw.stats;
+        let read_basic = match (&st.read_user, &st.read_password_env, &st.read_password_file) {
+            (None, None, None) => None,
+            (Some(u), e, f) => match self.secret(e, f, "stats.read_password")? {
+                (Some(p), _) => Some((u.clone(), p)),
+                (None, _) => {
+                    return Err(ConfigError::Invalid {
+                        path: self.path.to_path_buf(),
+                        line: 0,
+                        key: "stats.read_password_env".into(),
+                        message: "read_user needs read_password_env or read_password_file".into(),
+                    })
+                }
+            },
+            (None, _, _) => {
+                return Err(ConfigError::Invalid {
+                    path: self.path.to_path_buf(),
+                    line: 0,
+                    key: "stats.read_user".into(),
+                    message: "a read password needs read_user".into(),
+                })
+            }
+        };
+        let (read_token, _) =
+            self.secret(&st.read_token_env, &st.read_token_file, "stats.read_token")?;
 
         Ok(Config {
             path: self.path.to_path_buf(),
@@ -368,10 +415,18 @@ impl Validator<'_> {
                 shutdown_timeout: raw.proxy.shutdown_timeout,
                 drain_timeout: raw.proxy.drain_timeout,
                 close_on_writer_change: raw.proxy.close_on_writer_change,
+                maxconn: raw.proxy.maxconn,
+                queue_timeout: raw.proxy.queue_timeout,
+                write_idle_timeout: raw.proxy.write_idle_timeout,
+                read_idle_timeout: raw.proxy.read_idle_timeout,
                 tcp_keepalive: raw.proxy.tcp_keepalive,
                 tcp_user_timeout: raw.proxy.tcp_user_timeout,
             },
-            stats: StatsConfig { admin_token },
+            stats: StatsConfig {
+                admin_token,
+                read_basic,
+                read_token,
+            },
             promoter,
             backends,
         })

@@ -50,6 +50,38 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether the request may read the stats pages: always when no read credentials are configured;
+/// otherwise with the basic-auth user and password, the read token or the admin token.
+fn may_read(req: &Request<Incoming>, ctx: &StatsContext) -> bool {
+    use base64::Engine;
+    let cfg = ctx.cluster.config();
+    let st = &cfg.stats;
+    if !st.read_protected() {
+        return true;
+    }
+    let Some(auth) = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    if let Some(token) = auth.strip_prefix("Bearer ") {
+        return [&st.read_token, &st.admin_token]
+            .into_iter()
+            .flatten()
+            .any(|t| same_secret(token.as_bytes(), t.expose().as_bytes()));
+    }
+    if let (Some(b64), Some((user, pass))) = (auth.strip_prefix("Basic "), &st.read_basic) {
+        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
+            return false;
+        };
+        let want = format!("{user}:{}", pass.expose());
+        return same_secret(&raw, want.as_bytes());
+    }
+    false
+}
+
 /// `POST /api/backends/{name}/{drain|disable|enable}` with `Authorization: Bearer <token>`.
 fn admin(req: &Request<Incoming>, ctx: &StatsContext, name: &str, action: &str) -> Resp {
     let cfg = ctx.cluster.config();
@@ -135,6 +167,15 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
             ),
         };
         return Ok(resp);
+    }
+    if path != "/health" && !may_read(&req, &ctx) {
+        warn!(path = %path, "stats read refused: missing or wrong credentials");
+        return Ok(Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header("www-authenticate", "Basic realm=\"pglb\"")
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from_static(b"unauthorized\n")))
+            .expect("static headers are valid"));
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(

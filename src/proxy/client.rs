@@ -12,10 +12,11 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use super::splice::{splice, SpliceError};
+use super::splice::{splice, Activity, SpliceError};
 use crate::backend::net::{connect_tcp, ConnectError, SocketTuning};
 use crate::backend::probe::ProbeError;
-use crate::backend::{Backend, PortRole};
+use crate::backend::{Backend, PortRole, SessionSlot};
+use crate::config::Config;
 use crate::metrics as m;
 use crate::pg::{self, sqlstate, FirstPacket, PacketError};
 use crate::routing::Cluster;
@@ -130,49 +131,48 @@ pub async fn handle(
             return;
         }
 
-        let table = ctx.cluster.routing();
-        let candidates = table.candidates(port, &ctx.cluster.rr);
-        let mut chosen = None;
-        for b in candidates {
-            let address = b.config().address.clone();
-            match connect_tcp(&address, cfg.proxy.connect_timeout).await {
-                Ok(s) => {
-                    chosen = Some((b, s));
-                    break;
-                }
-                Err(e) => {
-                    warn!(backend = %b.name, %address, reason = %e, "backend connect failed, trying the next candidate");
-                    m::backend_connect_failed(&b.name, e.kind());
-                    if matches!(e, ConnectError::Refused | ConnectError::Timeout(_) | ConnectError::Dns(_)) {
-                        let (rise, fall) = ctx.cluster.rise_fall();
-                        let pe = ProbeError::from(e);
-                        b.report_connect_failure(pe, rise, fall);
-                    }
-                }
+        let (slot, backend_stream) = match choose(&ctx, port, &cfg).await {
+            Choice::Connected(slot, stream) => (slot, stream),
+            Choice::NoBackend => {
+                let message = match port {
+                    PortRole::Write => "pglb: no primary is available for writes",
+                    PortRole::Read => "pglb: no replica is available for reads",
+                };
+                m::client_rejected(port, "no_backend");
+                warn!(first_packet = parsed.kind(), "no backend for this port: {message}");
+                refuse(&mut client, &parsed, sqlstate::CANNOT_CONNECT_NOW, message, startup_timeout).await;
+                return;
             }
-        }
-        let Some((backend, backend_stream)) = chosen else {
-            let message = match port {
-                PortRole::Write => "pglb: no primary is available for writes",
-                PortRole::Read => "pglb: no replica is available for reads",
-            };
-            m::client_rejected(port, "no_backend");
-            warn!(first_packet = parsed.kind(), "no backend for this port: {message}");
-            refuse(&mut client, &parsed, message, startup_timeout).await;
-            return;
+            Choice::Full { backend, maxconn } => {
+                let message = format!(
+                    "pglb: too many connections: backend {backend} is at its maxconn ({maxconn}) and no session ended within queue_timeout ({:?})",
+                    cfg.proxy.queue_timeout
+                );
+                m::client_rejected(port, "queue_timeout");
+                warn!(%backend, maxconn, "queue timeout: refusing client");
+                refuse(&mut client, &parsed, sqlstate::TOO_MANY_CONNECTIONS, &message, startup_timeout).await;
+                return;
+            }
         };
+        let backend = slot.backend().clone();
         tracing::Span::current().record("backend", backend.name.as_str());
         if let Err(e) = tuning.apply(&backend_stream) {
             debug!(error = %e, "cannot tune backend socket");
         }
-        session(client, backend_stream, &first, &parsed, backend, port, ctx).await;
+        session(client, backend_stream, &first, &parsed, slot, port, ctx).await;
     }
     .instrument(span)
     .await
 }
 
 /// No backend: answer like a PostgreSQL server would, so psql prints the reason.
-async fn refuse(client: &mut TcpStream, first: &FirstPacket, message: &str, timeout: Duration) {
+async fn refuse(
+    client: &mut TcpStream,
+    first: &FirstPacket,
+    code: &str,
+    message: &str,
+    timeout: Duration,
+) {
     if matches!(first, FirstPacket::SslRequest | FirstPacket::GssEncRequest) {
         // Decline encryption, then the client sends its StartupMessage in clear.
         if client.write_all(b"N").await.is_err() {
@@ -192,15 +192,95 @@ async fn refuse(client: &mut TcpStream, first: &FirstPacket, message: &str, time
             _ => return,
         }
     }
-    send_fatal(client, sqlstate::CANNOT_CONNECT_NOW, message).await;
+    send_fatal(client, code, message).await;
 }
 
-struct ActiveGuard<'a>(&'a std::sync::atomic::AtomicU64, PortRole, String);
+enum Choice {
+    Connected(SessionSlot, TcpStream),
+    NoBackend,
+    Full { backend: String, maxconn: u64 },
+}
 
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        m::session_ended(self.1, &self.2);
+/// Picks and connects a backend: candidates in order, skipping any at its maxconn and any that
+/// refuses (which also counts as a failed check). When every candidate is full, waits for a
+/// session to end, up to `queue_timeout`.
+async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config) -> Choice {
+    let deadline = tokio::time::Instant::now() + cfg.proxy.queue_timeout;
+    let mut queued = false;
+    loop {
+        // Register for wake-ups before looking, so a slot freed in between is not missed.
+        let freed = ctx.cluster.slot_freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        let table = ctx.cluster.routing();
+        let mut full: Option<Arc<Backend>> = None;
+        for b in table.candidates(port, &ctx.cluster.rr) {
+            let Some(mut slot) = b.try_reserve(port, &ctx.cluster.slot_freed) else {
+                full.get_or_insert(b);
+                continue;
+            };
+            let address = b.config().address.clone();
+            match connect_tcp(&address, cfg.proxy.connect_timeout).await {
+                Ok(s) => {
+                    slot.connected();
+                    return Choice::Connected(slot, s);
+                }
+                Err(e) => {
+                    warn!(backend = %b.name, %address, reason = %e, "backend connect failed, trying the next candidate");
+                    m::backend_connect_failed(&b.name, e.kind());
+                    if matches!(
+                        e,
+                        ConnectError::Refused | ConnectError::Timeout(_) | ConnectError::Dns(_)
+                    ) {
+                        let (rise, fall) = ctx.cluster.rise_fall();
+                        b.report_connect_failure(ProbeError::from(e), rise, fall);
+                    }
+                }
+            }
+        }
+        let Some(full) = full else {
+            return Choice::NoBackend;
+        };
+        if !queued {
+            queued = true;
+            m::session_queued(port);
+            info!(backend = %full.name, maxconn = full.config().maxconn, "backend at maxconn: session queued");
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Choice::Full {
+                backend: full.name.clone(),
+                maxconn: full.config().maxconn,
+            };
+        }
+        tokio::select! {
+            _ = &mut freed => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            // Routing may change (a new replica comes up) without any session ending.
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+/// A client over the listener's maxconn: answer like PostgreSQL does (53300) and close.
+pub async fn refuse_over_limit(
+    mut client: TcpStream,
+    port: PortRole,
+    maxconn: u64,
+    timeout: Duration,
+) {
+    let message = format!(
+        "pglb: too many connections: the {} port is at its maxconn ({maxconn})",
+        port.as_str()
+    );
+    if let Ok((_, first)) = read_first(&mut client, timeout).await {
+        refuse(
+            &mut client,
+            &first,
+            sqlstate::TOO_MANY_CONNECTIONS,
+            &message,
+            timeout,
+        )
+        .await;
     }
 }
 
@@ -209,16 +289,12 @@ async fn session(
     mut backend_stream: TcpStream,
     first: &[u8],
     parsed: &FirstPacket,
-    backend: Arc<Backend>,
+    slot: SessionSlot,
     port: PortRole,
     ctx: SessionContext,
 ) {
+    let backend = slot.backend().clone();
     let counters = backend.counters(port);
-    let active = counters.active.fetch_add(1, Ordering::Relaxed) + 1;
-    counters.total.fetch_add(1, Ordering::Relaxed);
-    counters.max.fetch_max(active, Ordering::Relaxed);
-    m::session_started(port, &backend.name);
-    let _active_guard = ActiveGuard(&counters.active, port, backend.name.clone());
     debug!(first_packet = parsed.kind(), "session started");
 
     if let Err(e) = backend_stream.write_all(first).await {
@@ -248,8 +324,32 @@ async fn session(
             }
         }
     };
+    let cfg = ctx.cluster.config();
+    let idle_timeout = match port {
+        PortRole::Write => cfg.proxy.write_idle_timeout,
+        PortRole::Read => cfg.proxy.read_idle_timeout,
+    };
+    drop(cfg);
+    let activity = Activity::new();
+    let idle = async {
+        if idle_timeout.is_zero() {
+            return std::future::pending().await;
+        }
+        loop {
+            let quiet = activity.quiet_for();
+            if quiet >= idle_timeout {
+                return quiet;
+            }
+            tokio::time::sleep(idle_timeout - quiet).await;
+        }
+    };
     let result = tokio::select! {
-        r = splice(&client, &backend_stream, &counters.bytes_in, &counters.bytes_out) => r,
+        r = splice(&client, &backend_stream, &counters.bytes_in, &counters.bytes_out, (!idle_timeout.is_zero()).then_some(&activity)) => r,
+        quiet = idle => {
+            m::session_cut(port, "idle_timeout");
+            info!(reason = "idle_timeout", quiet = ?quiet, "closing session: idle");
+            return;
+        }
         _ = still_allowed => {
             let reason = if port == PortRole::Write && ctx.cluster.routing().primary.as_ref().map(|p| &p.name) != Some(&backend.name) {
                 "writer_changed"

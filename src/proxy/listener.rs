@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -11,10 +12,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::client::{handle, SessionContext};
+use super::client::{handle, refuse_over_limit, SessionContext};
 use crate::backend::PortRole;
 
 static CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+struct OpenGuard(Arc<AtomicU64>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Binds a listening socket with SO_REUSEADDR, so a restarted pglb can bind at once.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -38,6 +47,11 @@ pub async fn serve(
     let local = listener.local_addr().ok();
     info!(port = port.as_str(), addr = ?local, "listening");
     let mut last_error_log: Option<Instant> = None;
+    let open = Arc::new(AtomicU64::new(0));
+    // Over-limit clients get a proper error, but only so many at once: past this, a flood of
+    // them is just closed.
+    let refusing = Arc::new(AtomicU64::new(0));
+    let mut last_limit_log: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -45,8 +59,33 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let cfg = ctx.cluster.config();
+                let maxconn = cfg.proxy.maxconn;
+                if open.load(Ordering::Relaxed) >= maxconn {
+                    crate::metrics::client_rejected(port, "maxconn");
+                    if last_limit_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                        warn!(port = port.as_str(), maxconn, %peer, "listener at maxconn: refusing clients");
+                        last_limit_log = Some(Instant::now());
+                    }
+                    if refusing.load(Ordering::Relaxed) < 256 {
+                        refusing.fetch_add(1, Ordering::Relaxed);
+                        let refusing = refusing.clone();
+                        let timeout = cfg.proxy.client_startup_timeout.min(Duration::from_secs(2));
+                        tokio::spawn(async move {
+                            refuse_over_limit(stream, port, maxconn, timeout).await;
+                            refusing.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    }
+                    continue;
+                }
+                open.fetch_add(1, Ordering::Relaxed);
+                let guard = OpenGuard(open.clone());
                 let id = CONN_ID.fetch_add(1, Ordering::Relaxed);
-                sessions.spawn(handle(stream, peer, port, ctx.clone(), id));
+                let ctx = ctx.clone();
+                sessions.spawn(async move {
+                    let _guard = guard;
+                    handle(stream, peer, port, ctx, id).await
+                });
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS and friends: log once per burst, back off, go on.

@@ -32,6 +32,38 @@ fn give_buf(b: Box<[u8]>) {
     });
 }
 
+/// Last time a session moved bytes, for idle timeouts. Updated only when a timeout is set.
+pub struct Activity {
+    start: std::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Activity {
+            start: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long the session has moved no bytes.
+    pub fn quiet_for(&self) -> std::time::Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        std::time::Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Which side of the session failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SpliceError {
@@ -62,9 +94,13 @@ async fn pump(
     to: &TcpStream,
     to_side: Side,
     counter: &AtomicU64,
+    activity: Option<&Activity>,
 ) -> Result<(), SpliceError> {
     loop {
         from.readable().await.map_err(|e| err(from_side, e))?;
+        if let Some(a) = activity {
+            a.touch();
+        }
         let mut buf = take_buf();
         let r = move_available(from, from_side, to, to_side, &mut buf, counter).await;
         give_buf(buf);
@@ -119,9 +155,24 @@ pub async fn splice(
     backend: &TcpStream,
     bytes_in: &AtomicU64,
     bytes_out: &AtomicU64,
+    activity: Option<&Activity>,
 ) -> Result<(), SpliceError> {
-    let c2b = pump(client, Side::Client, backend, Side::Backend, bytes_in);
-    let b2c = pump(backend, Side::Backend, client, Side::Client, bytes_out);
+    let c2b = pump(
+        client,
+        Side::Client,
+        backend,
+        Side::Backend,
+        bytes_in,
+        activity,
+    );
+    let b2c = pump(
+        backend,
+        Side::Backend,
+        client,
+        Side::Client,
+        bytes_out,
+        activity,
+    );
     tokio::pin!(c2b, b2c);
     tokio::select! {
         r = &mut b2c => r,
@@ -168,7 +219,7 @@ mod tests {
             client_app.read_to_end(&mut back).await.unwrap();
             back.len()
         });
-        splice(&client, &backend, &bin, &bout).await.unwrap();
+        splice(&client, &backend, &bin, &bout, None).await.unwrap();
         assert_eq!(server.await.unwrap(), big.len());
         assert_eq!(cl.await.unwrap(), 1000);
         assert_eq!(bin.load(Ordering::Relaxed), big.len() as u64);
@@ -182,6 +233,6 @@ mod tests {
         drop(backend_app);
         let bin = AtomicU64::new(0);
         let bout = AtomicU64::new(0);
-        splice(&client, &backend, &bin, &bout).await.unwrap();
+        splice(&client, &backend, &bin, &bout, None).await.unwrap();
     }
 }
