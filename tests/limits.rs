@@ -23,10 +23,9 @@ async fn listener_maxconn_refuses_with_too_many_connections_then_recovers() {
     let a = connect_ok(lb.write).await;
     let _b = connect_ok(lb.write).await;
 
-    let e = connect(lb.write)
-        .await
-        .err()
-        .expect("third session refused");
+    let Err(e) = connect(lb.write).await else {
+        panic!("third session was not refused")
+    };
     assert_eq!(sqlstate_of(&e), "53300", "{e:?}");
     let msg = expect_pglb_fatal(lb.write).await;
     assert!(
@@ -71,10 +70,9 @@ async fn backend_maxconn_queues_then_refuses_after_queue_timeout() {
 
     // With the slot held for good, the next one is refused after queue_timeout.
     let started = Instant::now();
-    let e = connect(lb.write)
-        .await
-        .err()
-        .expect("refused after the queue timeout");
+    let Err(e) = connect(lb.write).await else {
+        panic!("not refused after the queue timeout")
+    };
     let waited = started.elapsed();
     assert_eq!(sqlstate_of(&e), "53300", "{e:?}");
     let msg = e.as_db_error().unwrap().message().to_string();
