@@ -131,7 +131,7 @@ pub async fn handle(
             return;
         }
 
-        let (slot, backend_stream) = match choose(&ctx, port, &cfg).await {
+        let (slot, backend_stream) = match choose(&ctx, port, &cfg, &first).await {
             Choice::Connected(slot, stream) => (slot, stream),
             Choice::NoBackend => {
                 let message = match port {
@@ -159,7 +159,7 @@ pub async fn handle(
         if let Err(e) = tuning.apply(&backend_stream) {
             debug!(error = %e, "cannot tune backend socket");
         }
-        session(client, backend_stream, &first, &parsed, slot, port, ctx).await;
+        session(client, backend_stream, &parsed, slot, port, ctx).await;
     }
     .instrument(span)
     .await
@@ -204,7 +204,7 @@ enum Choice {
 /// Picks and connects a backend: candidates in order, skipping any at its maxconn and any that
 /// refuses (which also counts as a failed check). When every candidate is full, waits for a
 /// session to end, up to `queue_timeout`.
-async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config) -> Choice {
+async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]) -> Choice {
     let deadline = tokio::time::Instant::now() + cfg.proxy.queue_timeout;
     let mut queued = false;
     loop {
@@ -220,9 +220,13 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config) -> Choice {
                 continue;
             };
             let address = b.config().address.clone();
-            match connect_tcp(&address, cfg.proxy.connect_timeout).await {
+            match open_backend(&address, cfg.proxy.connect_timeout, first).await {
                 Ok(s) => {
                     slot.connected();
+                    slot.backend()
+                        .counters(port)
+                        .bytes_in
+                        .fetch_add(first.len() as u64, Ordering::Relaxed);
                     return Choice::Connected(slot, s);
                 }
                 Err(e) => {
@@ -261,6 +265,27 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config) -> Choice {
     }
 }
 
+/// Connects, forwards the client's first packet and waits until the backend answers, all within
+/// `timeout`: a backend that accepts TCP but never speaks (hung, SIGSTOPped) is a failed connect
+/// and the next candidate gets the same first packet; the client has seen nothing yet.
+async fn open_backend(
+    address: &str,
+    timeout: Duration,
+    first: &[u8],
+) -> Result<TcpStream, ConnectError> {
+    let started = tokio::time::Instant::now();
+    let mut s = connect_tcp(address, timeout).await?;
+    let exchange = async {
+        s.write_all(first).await?;
+        s.readable().await
+    };
+    match tokio::time::timeout_at(started + timeout, exchange).await {
+        Ok(Ok(())) => Ok(s),
+        Ok(Err(e)) => Err(ConnectError::Io(e.to_string())),
+        Err(_) => Err(ConnectError::Timeout(timeout)),
+    }
+}
+
 /// A client over the listener's maxconn: answer like PostgreSQL does (53300) and close.
 pub async fn refuse_over_limit(
     mut client: TcpStream,
@@ -285,9 +310,8 @@ pub async fn refuse_over_limit(
 }
 
 async fn session(
-    mut client: TcpStream,
-    mut backend_stream: TcpStream,
-    first: &[u8],
+    client: TcpStream,
+    backend_stream: TcpStream,
     parsed: &FirstPacket,
     slot: SessionSlot,
     port: PortRole,
@@ -296,20 +320,6 @@ async fn session(
     let backend = slot.backend().clone();
     let counters = backend.counters(port);
     debug!(first_packet = parsed.kind(), "session started");
-
-    if let Err(e) = backend_stream.write_all(first).await {
-        warn!(error = %e, "backend failed while forwarding the startup packet");
-        send_fatal(
-            &mut client,
-            sqlstate::CANNOT_CONNECT_NOW,
-            &format!("pglb: backend {} failed: {e}", backend.name),
-        )
-        .await;
-        return;
-    }
-    counters
-        .bytes_in
-        .fetch_add(first.len() as u64, Ordering::Relaxed);
 
     let mut routing = ctx.cluster.subscribe();
     let name = backend.name.clone();
