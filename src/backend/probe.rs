@@ -97,7 +97,8 @@ impl From<ConnectError> for ProbeError {
     }
 }
 
-fn classify(e: tokio_postgres::Error) -> ProbeError {
+/// Sorts a tokio-postgres error into a `ProbeError` (also used by the promoter's SQL steps).
+pub fn classify(e: tokio_postgres::Error) -> ProbeError {
     if let Some(db) = e.as_db_error() {
         let msg = db.message().to_string();
         let code = db.code();
@@ -152,6 +153,40 @@ pub async fn probe(address: &str, check: &CheckConfig) -> Result<ProbeReport, Pr
     // The connection future ends once the client is dropped (it sends Terminate).
     let _ = conn_task.await;
     let rows = result.map_err(classify)?;
+    parse_report(&rows, started.elapsed())
+}
+
+/// Logs in to `address` exactly as `probe` does and returns the open session, for callers that
+/// run more than the check query on it (the promoter). The connection task ends when the client
+/// is dropped.
+pub async fn login(
+    address: &str,
+    check: &CheckConfig,
+    application_name: &str,
+) -> Result<tokio_postgres::Client, ProbeError> {
+    let stream = connect_tcp(address, check.timeout).await?;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.user(&check.user)
+        .dbname(&check.database)
+        .application_name(application_name);
+    if let Some(pw) = &check.password {
+        cfg.password(pw.expose());
+    }
+    let (client, connection) = cfg.connect_raw(stream, NoTls).await.map_err(classify)?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Runs the check query on an open session (see `login`); `started` is when the check began.
+pub async fn report(
+    client: &tokio_postgres::Client,
+    started: Instant,
+) -> Result<ProbeReport, ProbeError> {
+    let rows = client.simple_query(CHECK_QUERY).await.map_err(classify)?;
+    parse_report(&rows, started.elapsed())
+}
+
+fn parse_report(rows: &[SimpleQueryMessage], latency: Duration) -> Result<ProbeReport, ProbeError> {
     let row = rows
         .iter()
         .find_map(|m| match m {
@@ -175,6 +210,6 @@ pub async fn probe(address: &str, check: &CheckConfig) -> Result<ProbeReport, Pr
         timeline: col(5).and_then(|s| s.parse().ok()),
         system_id: col(6).and_then(|s| s.parse().ok()),
         streaming: col(7).map(|s| s == "t"),
-        latency: started.elapsed(),
+        latency,
     })
 }

@@ -1565,3 +1565,6 @@ pub fn describe_ports(cluster: &PgCluster, ports: &[u16]) -> String {
     }
     s
 }
+
+// Failover (promoter) helpers: see promoter.rs.
+pub mod promoter;

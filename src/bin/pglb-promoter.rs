@@ -1,0 +1,175 @@
+//! `pglb-promoter`: parse arguments, set up logging, load the config, run the failover sidecar
+//! or one of its one-shot commands (check, switchover, rejoin).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pglb::promoter::{self, promote::PgPromoter, settings::Settings};
+
+/// Failover sidecar for pglb: promotes the most advanced replica when the primary is really
+/// gone (its own checks for failover_after, the replicas and pglb agreeing), re-points the other
+/// replicas and fences an old primary that comes back.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Config file (TOML, the one pglb reads, with a [promoter] section); reloaded on change
+    /// and on SIGHUP.
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "lb.toml",
+        env = "PGLB_CONFIG"
+    )]
+    config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PGLB_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the sidecar (the default).
+    Run {
+        /// Observe and decide, log what would be done, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Validate the config and the [promoter] section (secrets resolved) and exit.
+    Check,
+    /// Planned switchover: old primary read-only, NAME catches up exactly, NAME promoted,
+    /// others re-pointed. Prints a JSON report.
+    Switchover {
+        /// Backend to promote.
+        #[arg(long)]
+        to: String,
+        /// Bound on the wait for NAME to replay the old primary's final WAL.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Turn a former primary into a standby of the current primary: stop, pg_rewind, standby
+    /// config, start, wait for streaming. Runs where the server's data directory is.
+    Rejoin {
+        /// The backend's name in the config.
+        #[arg(long)]
+        name: String,
+        /// Its data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Directory holding pg_ctl and pg_rewind (default: pg_config --bindir, else PATH).
+        #[arg(long, env = "PGLB_PG_BIN")]
+        pg_bin: Option<PathBuf>,
+        /// Server log file for pg_ctl -l.
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Rewind and configure only; something else starts the server.
+        #[arg(long)]
+        no_start: bool,
+        /// Bound on the wait for streaming after the start.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// EX_USAGE: the config is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGLB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match pglb::config::Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pglb-promoter: invalid config: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let settings = match Settings::from_config(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pglb-promoter: invalid config: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let command = args.command.unwrap_or(Command::Run { dry_run: false });
+    if let Command::Check = command {
+        eprintln!(
+            "pglb-promoter: {} is valid: {} backends, failover_after {:?}, synchronous {}",
+            args.config.display(),
+            settings.members.len(),
+            settings.failover_after,
+            settings.synchronous
+        );
+        return ExitCode::SUCCESS;
+    }
+    init_logging(args.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pglb-promoter: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = rt.block_on(async move {
+        match command {
+            Command::Run { dry_run } => {
+                promoter::run(config, promoter::RunOptions { dry_run }).await
+            }
+            Command::Check => Ok(()),
+            Command::Switchover { to, timeout } => {
+                let pg = PgPromoter::new(std::sync::Arc::new(settings.clone()));
+                let report = promoter::switchover::run(&pg, &settings, &to, timeout).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::Rejoin {
+                name,
+                data_dir,
+                pg_bin,
+                log,
+                no_start,
+                timeout,
+            } => {
+                let opts = promoter::rejoin::RejoinOptions {
+                    name,
+                    data_dir,
+                    pg_bin,
+                    log,
+                    start: !no_start,
+                    timeout,
+                };
+                let report = promoter::rejoin::run(&settings, &opts).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "pglb-promoter failed");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,774 @@
+//! The failover driver: runs a `FailoverPlan` step by step through a `Promoter`, logging one
+//! line per step with its evidence. Stop every reachable replica's WAL receiver, read their
+//! positions once they hold still, check that no server became primary meanwhile, choose (pure:
+//! highest received LSN, then priority, then name, never `no_failover`), wait (bounded) for the
+//! replay, check again, promote, verify, give the others slots, CHECKPOINT, re-point the
+//! others. Before the promotion any error puts the receivers back as they were; after it, errors
+//! only leave work for the next look (re-pointing is idempotent).
+//!
+//! Also `promote_and_follow`, shared with the planned switchover.
+
+use std::cmp::Reverse;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use tracing::{error, info, warn};
+
+use super::decide::{sync_names, FailoverPlan};
+use super::promote::{ActError, Position, Promoter};
+use super::settings::Member;
+use crate::pg::Lsn;
+
+/// Bounds of the waits inside a failover.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// For WAL receivers to stop after `primary_conninfo` was emptied.
+    pub receiver_stop: Duration,
+    /// For the chosen replica to replay what it received; then it is promoted anyway
+    /// (promotion replays the rest first).
+    pub replay: Duration,
+    /// `pg_promote(true, N)`.
+    pub promote: Duration,
+    pub poll: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            receiver_stop: Duration::from_secs(3),
+            replay: Duration::from_secs(30),
+            promote: Duration::from_secs(60),
+            poll: Duration::from_millis(100),
+        }
+    }
+}
+
+/// The choice among compared replicas.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub member: Member,
+    pub lsn: Lsn,
+    pub timeline: u32,
+    /// Ineligible replicas (no_failover) ahead of the choice: they will need a rejoin.
+    pub ahead: Vec<(String, u64)>,
+}
+
+/// Picks the replica to promote: highest received LSN on the newest timeline, then higher
+/// priority, then name; never `no_failover`, never a server out of recovery.
+pub fn choose(positions: &[(Member, Position)]) -> Result<Choice, Vec<(String, &'static str)>> {
+    let newest = positions
+        .iter()
+        .filter(|(_, p)| p.in_recovery)
+        .map(|(_, p)| p.timeline)
+        .max()
+        .unwrap_or(0);
+    let eligible = |m: &Member, p: &Position| -> Result<(), &'static str> {
+        if !p.in_recovery {
+            Err("not in recovery")
+        } else if m.no_failover {
+            Err("no_failover")
+        } else if p.timeline < newest {
+            Err("older timeline")
+        } else {
+            Ok(())
+        }
+    };
+    let best = positions
+        .iter()
+        .filter(|(m, p)| eligible(m, p).is_ok())
+        .min_by_key(|(m, p)| (Reverse(p.received()), Reverse(m.priority), m.name.clone()));
+    let Some((m, p)) = best else {
+        return Err(positions
+            .iter()
+            .map(|(m, p)| (m.name.clone(), eligible(m, p).err().unwrap_or("eligible")))
+            .collect());
+    };
+    let ahead = positions
+        .iter()
+        .filter(|(o, q)| o.name != m.name && q.in_recovery && q.received() > p.received())
+        .map(|(o, q)| (o.name.clone(), p.received().bytes_until(q.received())))
+        .collect();
+    Ok(Choice {
+        member: m.clone(),
+        lsn: p.received(),
+        timeline: p.timeline,
+        ahead,
+    })
+}
+
+/// Why a failover did not promote anybody.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FailoverError {
+    #[error("{0} is writable on the newest timeline: a primary exists, nothing to do")]
+    PrimaryExists(String),
+    #[error("no replica may be promoted: {0:?}")]
+    NoCandidate(Vec<(String, &'static str)>),
+    #[error("promote {node}: {source}")]
+    Promote {
+        node: String,
+        #[source]
+        source: ActError,
+    },
+    #[error("{node} did not leave recovery after pg_promote")]
+    NotPromoted { node: String },
+}
+
+impl FailoverError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FailoverError::PrimaryExists(_) => "primary_exists",
+            FailoverError::NoCandidate(_) => "no_candidate",
+            FailoverError::Promote { .. } => "promote_failed",
+            FailoverError::NotPromoted { .. } => "not_promoted",
+        }
+    }
+}
+
+/// A promotion that happened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Promotion {
+    pub to: String,
+    /// WAL the promoted replica had received when chosen.
+    pub lsn: Lsn,
+    /// Its timeline after the promotion.
+    pub timeline: u32,
+    pub repointed: Vec<String>,
+    pub repoint_failed: Vec<(String, String)>,
+    /// From the start of the driver to the verified promotion.
+    pub promoted_after: Duration,
+}
+
+/// Fails when a server other than those in `compared` is writable on a timeline at least
+/// `newest` (the old primary came back, or someone promoted meanwhile).
+async fn no_primary_exists<P: Promoter>(
+    p: &P,
+    members: &[Member],
+    compared: &[(Member, Position)],
+) -> Result<(), FailoverError> {
+    let newest = compared.iter().map(|(_, q)| q.timeline).max().unwrap_or(0);
+    for (m, q) in compared {
+        if !q.in_recovery && q.timeline >= newest {
+            return Err(FailoverError::PrimaryExists(m.name.clone()));
+        }
+    }
+    let others: Vec<&Member> = members
+        .iter()
+        .filter(|m| !compared.iter().any(|(c, _)| c.name == m.name))
+        .collect();
+    let seen = join_all(others.iter().map(|m| p.position(m))).await;
+    for (m, q) in others.iter().zip(seen) {
+        if let Ok(q) = q {
+            if !q.in_recovery && q.timeline >= newest {
+                return Err(FailoverError::PrimaryExists(m.name.clone()));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn positions<P: Promoter>(p: &P, members: &[Member]) -> Vec<(Member, Position)> {
+    let results = join_all(members.iter().map(|m| p.position(m))).await;
+    let mut out = Vec::new();
+    for (m, r) in members.iter().zip(results) {
+        match r {
+            Ok(q) => out.push((m.clone(), q)),
+            Err(e) => {
+                warn!(step = "positions", node = %m.name, error = %e, "replica left out of the comparison")
+            }
+        }
+    }
+    out
+}
+
+/// Runs a failover. Never promotes when a primary exists; promotes at most one replica.
+pub async fn run<P: Promoter>(
+    p: &P,
+    plan: &FailoverPlan,
+    limits: &Limits,
+) -> Result<Promotion, FailoverError> {
+    let started = Instant::now();
+    info!(
+        step = "start",
+        from = plan.from.as_deref().unwrap_or("unknown"),
+        down_for_s = plan.down_for.as_secs_f64(),
+        lost = ?plan.lost,
+        pglb = %plan.pglb,
+        replicas = ?plan.replicas.iter().map(|m| &m.name).collect::<Vec<_>>(),
+        "failover: primary failed, witnesses agree"
+    );
+
+    // 1. Hold every replica still (all at once: each step is a fresh login).
+    let results = join_all(plan.replicas.iter().map(|r| p.stop_receiver(r))).await;
+    let mut stopped: Vec<(Member, String)> = Vec::new();
+    for (r, res) in plan.replicas.iter().zip(results) {
+        match res {
+            Ok(prev) => {
+                info!(step = "stop_receiver", node = %r.name, "failover: WAL receiver stopped");
+                stopped.push((r.clone(), prev));
+            }
+            Err(e) => {
+                warn!(step = "stop_receiver", node = %r.name, error = %e, "failover: cannot stop WAL receiver; replica left out")
+            }
+        }
+    }
+    let members: Vec<Member> = stopped.iter().map(|(m, _)| m.clone()).collect();
+    let deadline = Instant::now() + limits.receiver_stop;
+    let compared = loop {
+        let seen = positions(p, &members).await;
+        if seen.iter().all(|(_, q)| !q.receiver_running) || Instant::now() >= deadline {
+            break seen;
+        }
+        tokio::time::sleep(limits.poll).await;
+    };
+    for (m, q) in &compared {
+        info!(
+            step = "positions",
+            node = %m.name,
+            received = %q.received(),
+            replayed = %q.replay_lsn.unwrap_or_default(),
+            timeline = q.timeline,
+            receiver_running = q.receiver_running,
+            priority = m.priority,
+            no_failover = m.no_failover,
+            "failover: position"
+        );
+    }
+
+    let result = choose_and_promote(p, plan, limits, &compared, started).await;
+    if result.is_err() {
+        // Nobody was promoted: put the receivers back as they were.
+        for (m, prev) in &stopped {
+            if prev.is_empty() {
+                continue;
+            }
+            match p.restore_receiver(m, prev).await {
+                Ok(()) => {
+                    info!(step = "restore_receiver", node = %m.name, "failover abandoned: WAL receiver restored")
+                }
+                Err(e) => {
+                    warn!(step = "restore_receiver", node = %m.name, error = %e, "failover abandoned: cannot restore WAL receiver")
+                }
+            }
+        }
+    }
+    result
+}
+
+async fn choose_and_promote<P: Promoter>(
+    p: &P,
+    plan: &FailoverPlan,
+    limits: &Limits,
+    compared: &[(Member, Position)],
+    started: Instant,
+) -> Result<Promotion, FailoverError> {
+    no_primary_exists(p, &plan.members, compared).await?;
+    let choice = choose(compared).map_err(FailoverError::NoCandidate)?;
+    info!(
+        step = "choose",
+        candidate = %choice.member.name,
+        lsn = %choice.lsn,
+        timeline = choice.timeline,
+        priority = choice.member.priority,
+        "failover: most advanced eligible replica chosen"
+    );
+    for (name, bytes) in &choice.ahead {
+        warn!(step = "choose", node = %name, ahead_bytes = bytes, candidate = %choice.member.name, "failover: a no_failover replica is ahead of the candidate; it will need a rejoin");
+    }
+
+    // 2. Let it replay what it received (bounded; promotion replays the rest anyway).
+    let deadline = Instant::now() + limits.replay;
+    loop {
+        match p.position(&choice.member).await {
+            Ok(q) if q.caught_up() => {
+                info!(step = "wait_replay", node = %choice.member.name, replayed = %q.replay_lsn.unwrap_or_default(), "failover: candidate replayed everything it received");
+                break;
+            }
+            Ok(q) if Instant::now() >= deadline => {
+                warn!(step = "wait_replay", node = %choice.member.name, behind_bytes = q.replay_lsn.unwrap_or_default().bytes_until(q.received()), "failover: replay still behind after the bound; promoting anyway");
+                break;
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(FailoverError::Promote {
+                    node: choice.member.name.clone(),
+                    source: e,
+                })
+            }
+            _ => tokio::time::sleep(limits.poll).await,
+        }
+    }
+    // 3. Last look before the irreversible step.
+    let others: Vec<Member> = plan
+        .members
+        .iter()
+        .filter(|m| m.name != choice.member.name)
+        .cloned()
+        .collect();
+    // Only a writable server on a timeline at least the candidate's is a primary; a fenced
+    // old primary on an older one is not.
+    let seen = join_all(others.iter().map(|m| p.position(m))).await;
+    for (m, q) in others.iter().zip(seen) {
+        if let Ok(q) = q {
+            if !q.in_recovery && q.timeline >= choice.timeline {
+                return Err(FailoverError::PrimaryExists(m.name.clone()));
+            }
+        }
+    }
+
+    let followers: Vec<Member> = plan
+        .replicas
+        .iter()
+        .filter(|m| m.name != choice.member.name)
+        .cloned()
+        .collect();
+    promote_and_follow(
+        p,
+        &choice.member,
+        &followers,
+        &plan.members,
+        plan.synchronous,
+        limits,
+        started,
+        choice.lsn,
+    )
+    .await
+}
+
+/// Promotes `candidate` and makes `followers` replicate from it: prepare (not read-only; in
+/// synchronous mode the standby list it will need, before it can take a single commit), promote,
+/// verify, slots, CHECKPOINT, re-point. Shared by failover and switchover.
+#[allow(clippy::too_many_arguments)]
+pub async fn promote_and_follow<P: Promoter>(
+    p: &P,
+    candidate: &Member,
+    followers: &[Member],
+    members: &[Member],
+    synchronous: bool,
+    limits: &Limits,
+    started: Instant,
+    lsn: Lsn,
+) -> Result<Promotion, FailoverError> {
+    let node = candidate.name.clone();
+    let promote_err = |source| FailoverError::Promote {
+        node: node.clone(),
+        source,
+    };
+    let sync = synchronous.then(|| sync_names(members, &candidate.name));
+    p.prepare(candidate, sync.as_deref())
+        .await
+        .map_err(promote_err)?;
+    info!(step = "prepare", node = %candidate.name, synchronous_standby_names = sync.as_deref().unwrap_or("(unchanged)"), "promote: candidate prepared");
+    let promoted = p
+        .promote(candidate, limits.promote)
+        .await
+        .map_err(promote_err)?;
+    let pos = p.position(candidate).await.map_err(promote_err)?;
+    if pos.in_recovery {
+        error!(step = "verify", node = %candidate.name, pg_promote = promoted, "promote: still in recovery");
+        return Err(FailoverError::NotPromoted { node });
+    }
+    let promoted_after = started.elapsed();
+    info!(
+        step = "promote",
+        node = %candidate.name,
+        timeline = pos.timeline,
+        lsn = %lsn,
+        after_s = promoted_after.as_secs_f64(),
+        "promoted"
+    );
+    let slots: Vec<String> = followers.iter().map(|f| f.slot_name()).collect();
+    let results = join_all(slots.iter().map(|s| p.ensure_slot(candidate, s))).await;
+    for (f, r) in followers.iter().zip(results) {
+        if let Err(e) = r {
+            warn!(step = "slot", node = %candidate.name, slot = %f.slot_name(), error = %e, "promote: cannot create slot");
+        }
+    }
+    match p.checkpoint(candidate).await {
+        Ok(()) => info!(step = "checkpoint", node = %candidate.name, "promote: checkpoint done"),
+        Err(e) => {
+            warn!(step = "checkpoint", node = %candidate.name, error = %e, "promote: checkpoint failed; pg_rewind from it may need one")
+        }
+    }
+    let mut repointed = Vec::new();
+    let mut repoint_failed = Vec::new();
+    let results = join_all(followers.iter().map(|f| p.repoint(f, candidate))).await;
+    for (f, r) in followers.iter().zip(results) {
+        match r {
+            Ok(()) => {
+                info!(step = "repoint", node = %f.name, primary = %candidate.name, "re-pointed to the new primary");
+                repointed.push(f.name.clone());
+            }
+            Err(e) => {
+                warn!(step = "repoint", node = %f.name, primary = %candidate.name, error = %e, "cannot re-point yet; retried on the next look");
+                repoint_failed.push((f.name.clone(), e.to_string()));
+            }
+        }
+    }
+    Ok(Promotion {
+        to: candidate.name.clone(),
+        lsn,
+        timeline: pos.timeline,
+        repointed,
+        repoint_failed,
+        promoted_after,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::backend::probe::ProbeError;
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::Mutex;
+
+    fn m(name: &str, priority: u32, no_failover: bool) -> Member {
+        Member {
+            name: name.into(),
+            address: format!("{name}:5432"),
+            priority,
+            no_failover,
+        }
+    }
+
+    fn standby(received: u64, tl: u32) -> Position {
+        Position {
+            in_recovery: true,
+            timeline: tl,
+            receive_lsn: Some(Lsn(received)),
+            replay_lsn: Some(Lsn(received)),
+            current_lsn: None,
+            receiver_running: false,
+        }
+    }
+
+    #[test]
+    fn highest_lsn_wins_over_priority() {
+        let c = choose(&[
+            (m("pg-1", 200, false), standby(100, 1)),
+            (m("pg-2", 100, false), standby(150, 1)),
+        ])
+        .unwrap();
+        assert_eq!(c.member.name, "pg-2");
+        assert_eq!(c.lsn, Lsn(150));
+        assert!(c.ahead.is_empty());
+    }
+
+    #[test]
+    fn ties_go_to_priority_then_name() {
+        let c = choose(&[
+            (m("pg-2", 100, false), standby(100, 1)),
+            (m("pg-1", 100, false), standby(100, 1)),
+            (m("pg-3", 150, false), standby(100, 1)),
+        ])
+        .unwrap();
+        assert_eq!(c.member.name, "pg-3");
+        let c = choose(&[
+            (m("pg-2", 100, false), standby(100, 1)),
+            (m("pg-1", 100, false), standby(100, 1)),
+        ])
+        .unwrap();
+        assert_eq!(c.member.name, "pg-1");
+    }
+
+    #[test]
+    fn no_failover_is_skipped_and_reported_when_ahead() {
+        let c = choose(&[
+            (m("pg-1", 100, true), standby(200, 1)),
+            (m("pg-2", 100, false), standby(150, 1)),
+        ])
+        .unwrap();
+        assert_eq!(c.member.name, "pg-2");
+        assert_eq!(c.ahead, vec![("pg-1".to_string(), 50)]);
+    }
+
+    #[test]
+    fn older_timeline_and_writable_servers_are_not_chosen() {
+        let mut writable = standby(500, 2);
+        writable.in_recovery = false;
+        let e = choose(&[
+            (m("pg-0", 100, false), writable),
+            (m("pg-1", 100, false), standby(900, 1)),
+            (m("pg-2", 100, true), standby(100, 2)),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e,
+            vec![
+                ("pg-0".to_string(), "not in recovery"),
+                ("pg-1".to_string(), "older timeline"),
+                ("pg-2".to_string(), "no_failover"),
+            ]
+        );
+    }
+
+    /// A scripted fake: positions per node are queues (the last one repeats), every call is
+    /// recorded, and `promote` flips the node out of recovery on a new timeline.
+    #[derive(Default)]
+    pub struct Script {
+        pub positions: Mutex<HashMap<String, VecDeque<Result<Position, ActError>>>>,
+        pub calls: Mutex<Vec<String>>,
+        pub fail: Mutex<HashMap<String, ActError>>,
+    }
+
+    impl Script {
+        pub fn set(&self, node: &str, seq: Vec<Result<Position, ActError>>) {
+            self.positions
+                .lock()
+                .unwrap()
+                .insert(node.to_string(), seq.into());
+        }
+        pub fn fail(&self, call: &str, node: &str) {
+            self.fail.lock().unwrap().insert(
+                format!("{call} {node}"),
+                ActError::Server {
+                    node: node.into(),
+                    what: "scripted",
+                    source: ProbeError::Refused,
+                },
+            );
+        }
+        pub fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+        fn record(&self, call: &str, node: &str) -> Result<(), ActError> {
+            self.calls.lock().unwrap().push(format!("{call} {node}"));
+            match self.fail.lock().unwrap().get(&format!("{call} {node}")) {
+                Some(e) => Err(e.clone()),
+                None => Ok(()),
+            }
+        }
+        fn next(&self, node: &str) -> Result<Position, ActError> {
+            let mut all = self.positions.lock().unwrap();
+            let q = all.entry(node.to_string()).or_default();
+            let v = if q.len() > 1 {
+                q.pop_front()
+            } else {
+                q.front().cloned()
+            };
+            v.unwrap_or_else(|| {
+                Err(ActError::Server {
+                    node: node.into(),
+                    what: "position",
+                    source: ProbeError::Refused,
+                })
+            })
+        }
+    }
+
+    impl Promoter for Script {
+        async fn position(&self, node: &Member) -> Result<Position, ActError> {
+            self.next(&node.name)
+        }
+        async fn stop_receiver(&self, node: &Member) -> Result<String, ActError> {
+            self.record("stop_receiver", &node.name)
+                .map(|_| format!("host={} port=5432", node.name))
+        }
+        async fn restore_receiver(&self, node: &Member, _c: &str) -> Result<(), ActError> {
+            self.record("restore_receiver", &node.name)
+        }
+        async fn prepare(&self, node: &Member, sync: Option<&str>) -> Result<(), ActError> {
+            self.record(&format!("prepare[{}]", sync.unwrap_or("-")), &node.name)
+        }
+        async fn promote(&self, node: &Member, _wait: Duration) -> Result<bool, ActError> {
+            self.record("promote", &node.name)?;
+            let mut all = self.positions.lock().unwrap();
+            let q = all.entry(node.name.clone()).or_default();
+            let tl = q
+                .back()
+                .and_then(|p| p.as_ref().ok())
+                .map(|p| p.timeline)
+                .unwrap_or(1);
+            q.clear();
+            q.push_back(Ok(Position {
+                in_recovery: false,
+                timeline: tl + 1,
+                ..Default::default()
+            }));
+            Ok(true)
+        }
+        async fn checkpoint(&self, node: &Member) -> Result<(), ActError> {
+            self.record("checkpoint", &node.name)
+        }
+        async fn ensure_slot(&self, primary: &Member, slot: &str) -> Result<(), ActError> {
+            self.record(&format!("slot[{slot}]"), &primary.name)
+        }
+        async fn repoint(&self, replica: &Member, primary: &Member) -> Result<(), ActError> {
+            self.record(&format!("repoint[{}]", primary.name), &replica.name)
+        }
+        async fn fence(&self, node: &Member) -> Result<u64, ActError> {
+            self.record("fence", &node.name).map(|_| 0)
+        }
+        async fn unfence(&self, node: &Member) -> Result<(), ActError> {
+            self.record("unfence", &node.name)
+        }
+        async fn set_sync_names(&self, primary: &Member, v: &str) -> Result<(), ActError> {
+            self.record(&format!("sync[{v}]"), &primary.name)
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            receiver_stop: Duration::from_millis(50),
+            replay: Duration::from_millis(50),
+            promote: Duration::from_secs(1),
+            poll: Duration::from_millis(1),
+        }
+    }
+
+    fn plan(synchronous: bool) -> FailoverPlan {
+        FailoverPlan {
+            from: Some("pg-0".into()),
+            down_for: Duration::from_secs(3),
+            replicas: vec![m("pg-1", 100, false), m("pg-2", 100, false)],
+            members: vec![
+                m("pg-0", 100, false),
+                m("pg-1", 100, false),
+                m("pg-2", 100, false),
+            ],
+            lost: vec!["pg-1".into(), "pg-2".into()],
+            pglb: "no primary".into(),
+            synchronous,
+        }
+    }
+
+    fn dead() -> Result<Position, ActError> {
+        Err(ActError::Server {
+            node: "pg-0".into(),
+            what: "position",
+            source: ProbeError::Refused,
+        })
+    }
+
+    #[tokio::test]
+    async fn promotes_the_most_advanced_after_its_replay_and_repoints_the_other() {
+        let s = Script::default();
+        s.set("pg-0", vec![dead()]);
+        // pg-1's receiver still runs at the first look; pg-2 is ahead but replaying.
+        s.set(
+            "pg-1",
+            vec![
+                Ok(Position {
+                    receiver_running: true,
+                    ..standby(100, 1)
+                }),
+                Ok(standby(100, 1)),
+            ],
+        );
+        let replaying = Position {
+            replay_lsn: Some(Lsn(150)),
+            ..standby(200, 1)
+        };
+        s.set(
+            "pg-2",
+            vec![
+                Ok(replaying.clone()),
+                Ok(replaying.clone()),
+                Ok(replaying),
+                Ok(standby(200, 1)),
+            ],
+        );
+        let r = run(&s, &plan(false), &limits()).await.unwrap();
+        assert_eq!(r.to, "pg-2");
+        assert_eq!(r.lsn, Lsn(200));
+        assert_eq!(r.timeline, 2);
+        assert_eq!(r.repointed, vec!["pg-1"]);
+        assert_eq!(
+            s.calls(),
+            vec![
+                "stop_receiver pg-1",
+                "stop_receiver pg-2",
+                "prepare[-] pg-2",
+                "promote pg-2",
+                "slot[pg_1] pg-2",
+                "checkpoint pg-2",
+                "repoint[pg-2] pg-1",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_old_primary_back_before_the_promotion_aborts_and_restores_receivers() {
+        let s = Script::default();
+        let mut back = standby(300, 1);
+        back.in_recovery = false;
+        s.set("pg-0", vec![Ok(back)]);
+        s.set("pg-1", vec![Ok(standby(100, 1))]);
+        s.set("pg-2", vec![Ok(standby(100, 1))]);
+        let e = run(&s, &plan(false), &limits()).await.unwrap_err();
+        assert_eq!(e, FailoverError::PrimaryExists("pg-0".into()));
+        assert_eq!(
+            s.calls(),
+            vec![
+                "stop_receiver pg-1",
+                "stop_receiver pg-2",
+                "restore_receiver pg-1",
+                "restore_receiver pg-2",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replica_already_promoted_means_no_second_promotion() {
+        let s = Script::default();
+        s.set("pg-0", vec![dead()]);
+        let mut promoted = standby(100, 2);
+        promoted.in_recovery = false;
+        s.set("pg-1", vec![Ok(promoted)]);
+        s.set("pg-2", vec![Ok(standby(100, 1))]);
+        let e = run(&s, &plan(false), &limits()).await.unwrap_err();
+        assert_eq!(e, FailoverError::PrimaryExists("pg-1".into()));
+        assert!(!s.calls().iter().any(|c| c.starts_with("promote")));
+    }
+
+    #[tokio::test]
+    async fn synchronous_mode_sets_the_standby_list_before_promoting() {
+        let s = Script::default();
+        s.set("pg-0", vec![dead()]);
+        s.set("pg-1", vec![Ok(standby(100, 1))]);
+        s.set("pg-2", vec![Ok(standby(90, 1))]);
+        let r = run(&s, &plan(true), &limits()).await.unwrap();
+        assert_eq!(r.to, "pg-1");
+        let calls = s.calls();
+        let prep = calls.iter().position(|c| c.starts_with("prepare")).unwrap();
+        let promote = calls.iter().position(|c| c.starts_with("promote")).unwrap();
+        assert!(prep < promote);
+        assert_eq!(calls[prep], "prepare[ANY 1 (\"pg-0\", \"pg-2\")] pg-1");
+    }
+
+    #[tokio::test]
+    async fn unreachable_replicas_are_left_out_and_failed_repoints_reported() {
+        let s = Script::default();
+        s.set("pg-0", vec![dead()]);
+        s.set("pg-1", vec![Ok(standby(100, 1))]);
+        s.set("pg-2", vec![Ok(standby(50, 1))]);
+        s.fail("stop_receiver", "pg-2");
+        s.fail("repoint[pg-1]", "pg-2");
+        let r = run(&s, &plan(false), &limits()).await.unwrap();
+        assert_eq!(r.to, "pg-1");
+        assert_eq!(r.repointed, Vec::<String>::new());
+        assert_eq!(r.repoint_failed.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_promotion_restores_receivers() {
+        let s = Script::default();
+        s.set("pg-0", vec![dead()]);
+        s.set("pg-1", vec![Ok(standby(100, 1))]);
+        s.set("pg-2", vec![Ok(standby(50, 1))]);
+        s.fail("promote", "pg-1");
+        let e = run(&s, &plan(false), &limits()).await.unwrap_err();
+        assert_eq!(e.kind(), "promote_failed");
+        assert!(s.calls().contains(&"restore_receiver pg-2".to_string()));
+    }
+
+    #[tokio::test]
+    async fn only_no_failover_replicas_means_no_candidate() {
+        let s = Script::default();
+        s.set("pg-0", vec![dead()]);
+        s.set("pg-1", vec![Ok(standby(100, 1))]);
+        let mut p = plan(false);
+        p.replicas = vec![m("pg-1", 100, true)];
+        p.members = vec![m("pg-0", 100, false), m("pg-1", 100, true)];
+        let e = run(&s, &p, &limits()).await.unwrap_err();
+        assert_eq!(e.kind(), "no_candidate");
+    }
+}

@@ -1,0 +1,249 @@
+//! The promoter's own small HTTP endpoint: `GET /status` (and `/`) as JSON, `/metrics`
+//! (Prometheus) and `/health`. Handlers copy the `Status` out of its lock before rendering.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::observe::PglbView;
+
+/// The last failover this process ran (or tried).
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverRecord {
+    pub at_unix: f64,
+    /// `promoted`, or why nobody was (`FailoverError::kind`).
+    pub outcome: &'static str,
+    /// The evidence the decision was taken on.
+    pub reason: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub lsn: Option<String>,
+    pub timeline: Option<u32>,
+    /// From the failed primary's last answer to the decision.
+    pub detected_after_seconds: f64,
+    /// From the decision to the verified promotion.
+    pub promote_seconds: Option<f64>,
+    /// From the failed primary's last answer to the verified promotion.
+    pub total_seconds: Option<f64>,
+    pub repointed: Vec<String>,
+    pub error: Option<String>,
+}
+
+/// One backend on the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeSummary {
+    pub name: String,
+    /// primary, replica, stale (writable on an older timeline) or unreachable.
+    pub role: &'static str,
+    pub error: Option<String>,
+    pub timeline: Option<u32>,
+    pub lsn: Option<String>,
+    pub streaming: Option<bool>,
+    pub read_only: Option<bool>,
+    pub priority: u32,
+    pub no_failover: bool,
+}
+
+/// Everything `/status` shows. Field names are stable.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub dry_run: bool,
+    pub config_file: String,
+    pub started_unix: f64,
+    pub looks: u64,
+    pub last_look_unix: Option<f64>,
+    /// The primary as derived from the servers at the last look.
+    pub primary: Option<String>,
+    /// steady, reconcile, failover or wait.
+    pub decision: &'static str,
+    /// For a wait: `WaitReason::kind` and its text with evidence.
+    pub reason_kind: Option<&'static str>,
+    pub reason: Option<String>,
+    /// How long no primary has answered (null while one does).
+    pub primary_down_seconds: Option<f64>,
+    pub failover_after_seconds: f64,
+    pub synchronous: bool,
+    /// Promotions made by this process.
+    pub failovers: u64,
+    pub last_failover: Option<FailoverRecord>,
+    /// Stale primaries already read-only.
+    pub fenced: Vec<String>,
+    /// Replicas not streaming from the primary.
+    pub not_streaming: Vec<String>,
+    pub pglb: PglbView,
+    pub nodes: Vec<NodeSummary>,
+    /// Last config reload: applied, rejected or unchanged, with the error when rejected.
+    pub reload: Option<String>,
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Status {
+    pub fn new(config_file: String, dry_run: bool) -> Status {
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            dry_run,
+            config_file,
+            started_unix: unix_now(),
+            looks: 0,
+            last_look_unix: None,
+            primary: None,
+            decision: "starting",
+            reason_kind: None,
+            reason: None,
+            primary_down_seconds: None,
+            failover_after_seconds: 0.0,
+            synchronous: false,
+            failovers: 0,
+            last_failover: None,
+            fenced: vec![],
+            not_streaming: vec![],
+            pglb: PglbView::NotConfigured,
+            nodes: vec![],
+            reload: None,
+        }
+    }
+}
+
+/// What the handlers read.
+pub struct Shared {
+    pub status: Mutex<Status>,
+    pub prometheus: Option<PrometheusHandle>,
+}
+
+impl Shared {
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+    pub fn snapshot(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Installs the Prometheus recorder once per process.
+pub fn prometheus() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(h) => {
+                super::metrics::describe();
+                Some(h)
+            }
+            Err(e) => {
+                warn!(error = %e, "metrics recorder not installed");
+                None
+            }
+        })
+        .clone()
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("cache-control", "no-store")
+        .body(Full::new(body.into()))
+        .expect("static headers are valid")
+}
+
+async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n",
+        ));
+    }
+    let resp = match req.uri().path() {
+        "/" | "/status" | "/status.json" => {
+            let body = serde_json::to_vec_pretty(&shared.snapshot()).unwrap_or_default();
+            text(StatusCode::OK, "application/json", body)
+        }
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            shared
+                .prometheus
+                .as_ref()
+                .map(|h| h.render())
+                .unwrap_or_default(),
+        ),
+        "/health" => {
+            let s = shared.snapshot();
+            match s.primary {
+                Some(p) => text(
+                    StatusCode::OK,
+                    "text/plain",
+                    format!("ok: primary is {p}\n"),
+                ),
+                None => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!(
+                        "no primary: {}\n",
+                        s.reason.as_deref().unwrap_or(s.decision)
+                    ),
+                ),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    };
+    Ok(resp)
+}
+
+/// Serves HTTP on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    info!(addr = ?listener.local_addr().ok(), "promoter status listening");
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(error = %e, "status accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let io = TokioIo::new(stream);
+            let svc = service_fn(move |req| route(req, shared.clone()));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => { if let Err(e) = r { debug!(error = %e, "status connection error"); } }
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}

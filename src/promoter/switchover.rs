@@ -1,0 +1,217 @@
+//! Planned switchover (`pglb-promoter switchover --to NAME`): make the primary read-only and
+//! end its client sessions, wait until NAME has replayed the primary's final WAL position (read
+//! again until it holds still), promote NAME and re-point the other replicas. Zero loss by
+//! construction: nothing is promoted before it holds every byte the old primary wrote. The old
+//! primary stays read-only on the older timeline (fenced) until `rejoin` makes it a replica. The
+//! write outage is measured from the moment the old primary went read-only to the promotion and,
+//! when pglb can be asked, to pglb routing writes to NAME.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::decide::{self, Primary, State};
+use super::failover::{promote_and_follow, FailoverError, Limits};
+use super::observe::{self, PglbView};
+use super::promote::{ActError, Promoter};
+use super::settings::Settings;
+use crate::pg::Lsn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchoverError {
+    #[error("no backend named {0:?} in the config")]
+    UnknownTarget(String),
+    #[error("no single primary answers: {0}")]
+    NoPrimary(String),
+    #[error("{0} is already the primary")]
+    AlreadyPrimary(String),
+    #[error("{name} cannot take over: {why}")]
+    NotEligible { name: String, why: String },
+    #[error("{target} did not replay the old primary's final WAL ({lsn}) within {after:?}; the old primary was made writable again")]
+    NotCaughtUp {
+        target: String,
+        lsn: Lsn,
+        after: Duration,
+    },
+    #[error(transparent)]
+    Act(#[from] ActError),
+    #[error(transparent)]
+    Promote(#[from] FailoverError),
+}
+
+/// What a switchover did, printed as JSON by the CLI.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwitchoverReport {
+    pub from: String,
+    pub to: String,
+    pub final_lsn: String,
+    pub timeline: u32,
+    /// Old primary read-only → the target promoted.
+    pub promoted_after_seconds: f64,
+    /// Old primary read-only → pglb sends writes to the target (null without pglb).
+    pub pglb_switched_after_seconds: Option<f64>,
+    pub repointed: Vec<String>,
+    pub repoint_failed: Vec<String>,
+}
+
+/// Runs a switchover to `to`; `timeout` bounds the wait for the target to catch up.
+pub async fn run<P: Promoter>(
+    p: &P,
+    settings: &Settings,
+    to: &str,
+    timeout: Duration,
+) -> Result<SwitchoverReport, SwitchoverError> {
+    let target = settings
+        .member(to)
+        .cloned()
+        .ok_or_else(|| SwitchoverError::UnknownTarget(to.to_string()))?;
+    let obs = observe::observe(settings).await;
+    let mut state = State::new(
+        super::decide::Policy {
+            failover_after: settings.failover_after,
+            synchronous: settings.synchronous,
+        },
+        obs.at,
+    );
+    state.note(&obs);
+    let topo = decide::topology(&obs, &state);
+    let primary = match topo.primary {
+        Primary::One(p) => p,
+        Primary::None => return Err(SwitchoverError::NoPrimary("none answers".into())),
+        Primary::Many(ps) => {
+            return Err(SwitchoverError::NoPrimary(format!(
+                "several: {}",
+                ps.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+            )))
+        }
+    };
+    if primary.name() == to {
+        return Err(SwitchoverError::AlreadyPrimary(to.to_string()));
+    }
+    let not_eligible = |why: &str| SwitchoverError::NotEligible {
+        name: to.to_string(),
+        why: why.to_string(),
+    };
+    let t = obs.node(to).ok_or_else(|| not_eligible("not observed"))?;
+    match t.reachable() {
+        None => return Err(not_eligible("unreachable")),
+        Some(s) if !s.in_recovery => return Err(not_eligible("not a replica")),
+        Some(_) if target.no_failover => return Err(not_eligible("no_failover is set")),
+        Some(_) if !decide::streams_from(t, primary) => {
+            return Err(not_eligible("not streaming from the primary"))
+        }
+        Some(_) => {}
+    }
+    let old = primary.member.clone();
+    let followers: Vec<_> = topo
+        .replicas
+        .iter()
+        .filter(|r| r.name() != to)
+        .map(|r| r.member.clone())
+        .collect();
+    info!(step = "start", from = %old.name, to, followers = ?followers.iter().map(|m| &m.name).collect::<Vec<_>>(), "switchover");
+
+    // 1. No more writes on the old primary.
+    let started = Instant::now();
+    let ended = p.fence(&old).await?;
+    info!(step = "read_only", node = %old.name, terminated_sessions = ended, "switchover: old primary read-only, sessions ended");
+    // A checkpoint now makes the last checkpoint the two servers share sit at the fork: the
+    // later `rejoin` (pg_rewind) then needs only WAL the old primary still has, and copies little.
+    if let Err(e) = p.checkpoint(&old).await {
+        warn!(step = "checkpoint", node = %old.name, error = %e, "switchover: checkpoint on the old primary failed; rejoin may need more WAL");
+    }
+
+    // 2. The target must hold the final WAL position, read again until it holds still.
+    let deadline = started + timeout;
+    // Every client session ended before the first read, so every commit is at or before it;
+    // WAL that still moves after it comes from background work, and a few rounds suffice.
+    let mut final_lsn = Lsn::default();
+    for round in 0..5 {
+        let lsn = p.position(&old).await?.current_lsn.unwrap_or_default();
+        let caught_up = loop {
+            match p.position(&target).await {
+                Ok(q) if q.replay_lsn.unwrap_or_default() >= lsn => break true,
+                _ if Instant::now() >= deadline => break false,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        if !caught_up {
+            warn!(step = "catch_up", node = to, lsn = %lsn, "switchover: target did not catch up; undoing read-only");
+            if let Err(e) = p.unfence(&old).await {
+                warn!(step = "undo", node = %old.name, error = %e, "cannot make the old primary writable again");
+            }
+            return Err(SwitchoverError::NotCaughtUp {
+                target: to.to_string(),
+                lsn,
+                after: timeout,
+            });
+        }
+        final_lsn = lsn;
+        let again = p.position(&old).await?.current_lsn.unwrap_or_default();
+        if again == lsn {
+            break;
+        }
+        info!(step = "catch_up", round, lsn = %lsn, now = %again, "switchover: WAL still moving on the read-only primary (background work)");
+    }
+    info!(step = "catch_up", node = to, lsn = %final_lsn, after_s = started.elapsed().as_secs_f64(), "switchover: target replayed the final WAL position");
+
+    // 3. Promote and re-point.
+    let promotion = promote_and_follow(
+        p,
+        &target,
+        &followers,
+        &settings.members,
+        settings.synchronous,
+        &Limits::default(),
+        started,
+        final_lsn,
+    )
+    .await?;
+
+    // 4. Until pglb routes writes to the target.
+    let mut pglb_after = None;
+    if let Some(addr) = &settings.pglb_stats {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let PglbView::Reachable {
+                primary: Some(p), ..
+            } = observe::pglb_view(
+                addr,
+                settings.pglb_authorization.as_ref(),
+                Duration::from_secs(2),
+            )
+            .await
+            {
+                if p == to {
+                    pglb_after = Some(started.elapsed());
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let report = SwitchoverReport {
+        from: old.name.clone(),
+        to: to.to_string(),
+        final_lsn: final_lsn.to_string(),
+        timeline: promotion.timeline,
+        promoted_after_seconds: promotion.promoted_after.as_secs_f64(),
+        pglb_switched_after_seconds: pglb_after.map(|d| d.as_secs_f64()),
+        repointed: promotion.repointed.clone(),
+        repoint_failed: promotion
+            .repoint_failed
+            .iter()
+            .map(|(n, e)| format!("{n}: {e}"))
+            .collect(),
+    };
+    info!(
+        step = "done",
+        from = %report.from,
+        to = %report.to,
+        final_lsn = %report.final_lsn,
+        write_outage_s = report.pglb_switched_after_seconds.unwrap_or(report.promoted_after_seconds),
+        "switchover done; the old primary stays read-only until `pglb-promoter rejoin`"
+    );
+    Ok(report)
+}

@@ -1,0 +1,753 @@
+//! Failover-test harness: clusters ready for `pg_rewind`, the `pglb-promoter` binary (config
+//! derived from a running pglb's, status endpoint, log, kill -9 and restart, one-shot CLI
+//! commands), kill -9 of a postmaster and its restart, a TCP relay that can be cut, and a
+//! background writer that counts acknowledged rows.
+//!
+//! Environment: `PGLB_PROMOTER_BIN` (binary to test; default: the one cargo built,
+//! `CARGO_BIN_EXE_pglb-promoter`).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::{
+    connect_as, free_addr, http_get, pg_bin_dir, table, tail, wait_until_blocking, PgCluster,
+    PgNode, Pglb, APP_PASSWORD, APP_USER, CHECK_PASSWORD, POLL, REPL_PASSWORD,
+};
+
+/// Password of the `postgres` role over TCP (the promoter's login in tests).
+pub const PROMOTER_PASSWORD: &str = "promoter-pw-2c8e";
+
+/// The promoter binary under test.
+pub fn promoter_bin() -> PathBuf {
+    std::env::var_os("PGLB_PROMOTER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pglb-promoter")))
+}
+
+/// Settings appended to every server's postgresql.conf for failover tests: what `pg_rewind`
+/// needs (the harness turns full_page_writes off for speed; WAL kept back to the last common
+/// checkpoint).
+pub const REWIND_CONF: &str = "full_page_writes = on\nwal_log_hints = on\nwal_keep_size = 128MB\n";
+
+/// Like `PgCluster::start`, with [`REWIND_CONF`] and a password for `postgres` (the promoter
+/// logs in over TCP, where every login needs SCRAM).
+pub fn failover_cluster(n_replicas: usize) -> PgCluster {
+    let dir = tempfile::Builder::new()
+        .prefix("pglb-fo-")
+        .tempdir()
+        .expect("create temp dir");
+    super::set_mode(dir.path(), 0o755);
+    super::give_to_postgres(dir.path());
+    let (crt, key) = super::make_certificate(dir.path());
+    let mut primary = PgNode::init("pg-0", dir.path(), &crt, &key);
+    let mut conf = fs::OpenOptions::new()
+        .append(true)
+        .open(primary.data.join("postgresql.conf"))
+        .expect("open postgresql.conf");
+    conf.write_all(REWIND_CONF.as_bytes())
+        .expect("write postgresql.conf");
+    drop(conf);
+    primary.start_on_new_port();
+    primary.exec(&format!(
+        "CREATE ROLE {} LOGIN PASSWORD '{}' IN ROLE pg_monitor; \
+         CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'; \
+         CREATE ROLE {} LOGIN REPLICATION PASSWORD '{REPL_PASSWORD}'; \
+         GRANT CREATE ON SCHEMA public TO {APP_USER}; \
+         ALTER ROLE postgres PASSWORD '{PROMOTER_PASSWORD}';",
+        super::CHECK_USER,
+        CHECK_PASSWORD,
+        super::REPL_USER
+    ));
+    let mut cluster = PgCluster {
+        nodes: vec![primary],
+        dir,
+    };
+    for i in 1..=n_replicas {
+        let mut replica =
+            PgNode::basebackup(&format!("pg-{i}"), cluster.dir.path(), &cluster.nodes[0]);
+        replica.start_on_new_port();
+        cluster.nodes.push(replica);
+    }
+    cluster.wait_streaming(n_replicas, Duration::from_secs(30));
+    cluster
+}
+
+/// SIGKILL to the postmaster (its children notice and exit); waits until the port refuses.
+pub fn kill9(node: &PgNode) {
+    node.thaw();
+    let pid = node.postmaster_pid().expect("kill9: server not running");
+    assert!(super::signal(pid, libc::SIGKILL), "SIGKILL {pid}");
+    wait_until_blocking(
+        Duration::from_secs(10),
+        &format!("{} to stop accepting connections", node.name()),
+        || std::net::TcpStream::connect_timeout(&node.addr(), Duration::from_millis(200)).is_err(),
+    );
+}
+
+/// Starts a server again after [`kill9`], retrying while its orphaned children still hold the
+/// shared memory.
+pub fn restart_after_kill(node: &PgNode) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match node.try_start() {
+            Ok(()) => return,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("restart {} after kill -9: {e:?}", node.name())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// `pg_stat_replication` on `primary` lists `standby` as streaming.
+pub fn streams_to(primary: &PgNode, standby: &str) -> bool {
+    primary
+        .try_exec(&format!(
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{standby}' AND state = 'streaming'"
+        ))
+        .is_ok_and(|c| c == "1")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The promoter process
+// ---------------------------------------------------------------------------------------------
+
+/// Builds a promoter config from a running pglb's and starts the binary.
+pub struct PromoterBuilder {
+    promoter: toml::Table,
+    backend_keys: HashMap<String, toml::Table>,
+    addresses: HashMap<String, String>,
+}
+
+impl Default for PromoterBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PromoterBuilder {
+    /// Defaults: failover_after 2s, interval 200ms, user postgres, replicator credentials.
+    pub fn new() -> PromoterBuilder {
+        PromoterBuilder {
+            promoter: table(&[
+                ("user", "postgres".into()),
+                ("password_env", "PGLB_PROMOTER_PASSWORD".into()),
+                ("replication_user", super::REPL_USER.into()),
+                (
+                    "replication_password_env",
+                    "PGLB_REPLICATION_PASSWORD".into(),
+                ),
+                ("failover_after", "2s".into()),
+                ("interval", "200ms".into()),
+            ]),
+            backend_keys: HashMap::new(),
+            addresses: HashMap::new(),
+        }
+    }
+
+    /// `[promoter] key = value`.
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.promoter.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Removes `[promoter] key` so the promoter's default applies.
+    pub fn unset(mut self, key: &str) -> Self {
+        self.promoter.remove(key);
+        self
+    }
+
+    /// `key = value` in the `[[backend]]` called `name` (priority, no_failover).
+    pub fn backend(mut self, name: &str, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.backend_keys
+            .entry(name.to_string())
+            .or_default()
+            .insert(key.to_string(), value.into());
+        self
+    }
+
+    /// The promoter reaches backend `name` at `address` (e.g. through a [`Relay`]).
+    pub fn address(mut self, name: &str, address: SocketAddr) -> Self {
+        self.addresses.insert(name.to_string(), address.to_string());
+        self
+    }
+
+    /// Writes the config next to pglb's (same backends, plus `[promoter]`) and starts.
+    pub fn start(self, lb: &Pglb) -> Promoter {
+        let dir = tempfile::Builder::new()
+            .prefix("pglb-promoter-")
+            .tempdir()
+            .expect("create promoter temp dir");
+        let src = fs::read_to_string(lb.config_path()).expect("read pglb config");
+        let mut root: toml::Table = toml::from_str(&src).expect("parse pglb config");
+        if let Some(toml::Value::Array(backends)) = root.get_mut("backend") {
+            for b in backends.iter_mut() {
+                let toml::Value::Table(t) = b else { continue };
+                let name = t
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or("")
+                    .to_string();
+                if let Some(extra) = self.backend_keys.get(&name) {
+                    for (k, v) in extra {
+                        t.insert(k.clone(), v.clone());
+                    }
+                }
+                if let Some(a) = self.addresses.get(&name) {
+                    t.insert("address".into(), a.clone().into());
+                }
+            }
+        }
+        let status = free_addr();
+        let mut promoter = self.promoter.clone();
+        promoter.insert("listen".into(), status.to_string().into());
+        promoter.insert("pglb_url".into(), format!("http://{}", lb.stats).into());
+        root.insert("promoter".into(), toml::Value::Table(promoter));
+        let config = dir.path().join("lb.toml");
+        fs::write(
+            &config,
+            toml::to_string(&root).expect("render promoter config"),
+        )
+        .expect("write promoter config");
+        let mut p = Promoter {
+            child: None,
+            config,
+            log: dir.path().join("promoter.log"),
+            status,
+            runs: 0,
+            _dir: dir,
+        };
+        p.spawn();
+        p
+    }
+}
+
+/// A running `pglb-promoter`. Dropping it sends SIGTERM (SIGKILL after 5 s).
+pub struct Promoter {
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+    /// Its `/status` address.
+    pub status: SocketAddr,
+    runs: u32,
+    _dir: TempDir,
+}
+
+impl Promoter {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(promoter_bin());
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("PGLB_CHECK_PASSWORD", CHECK_PASSWORD)
+            .env("PGLB_PROMOTER_PASSWORD", PROMOTER_PASSWORD)
+            .env("PGLB_REPLICATION_PASSWORD", REPL_PASSWORD)
+            .env_remove("RUST_LOG")
+            .env_remove("PGLB_LOG")
+            .stdin(Stdio::null());
+        if let Some(level) = std::env::var_os("PGLB_TEST_RUST_LOG") {
+            cmd.env("PGLB_LOG", level);
+        }
+        cmd
+    }
+
+    fn spawn(&mut self) {
+        self.runs += 1;
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open promoter log");
+        let _ = writeln!(log, "=== pglb-promoter run {}", self.runs);
+        let child = self
+            .command()
+            .stdout(log.try_clone().expect("clone log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn pglb-promoter");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "pglb-promoter exited early with {st}\n{}",
+                    tail(&self.log_text(), 40)
+                );
+            }
+            if http_get(self.status, "/status").is_ok() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "pglb-promoter /status not answering within 20s\n{}",
+                    tail(&self.log_text(), 40)
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("promoter running").id()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again with the same config and status address (after [`Promoter::kill9`]).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Everything every run wrote.
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).to_string()
+    }
+
+    /// The log of the current run only.
+    pub fn current_log(&self) -> String {
+        let all = self.log_text();
+        let marker = format!("=== pglb-promoter run {}", self.runs);
+        all.split_once(&marker)
+            .map(|(_, rest)| rest.to_string())
+            .unwrap_or(all)
+    }
+
+    pub async fn wait_log(&self, timeout: Duration, pattern: &str) {
+        let deadline = Instant::now() + timeout;
+        while !self.current_log().contains(pattern) {
+            if Instant::now() >= deadline {
+                panic!(
+                    "promoter log did not contain {pattern:?} within {timeout:?}; tail:\n{}",
+                    tail(&self.log_text(), 50)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `GET /status`.
+    pub fn status(&self) -> Result<serde_json::Value, String> {
+        let (code, body) = http_get(self.status, "/status")?;
+        if code != 200 {
+            return Err(format!("/status answered {code}"));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("/status: {e}: {body}"))
+    }
+
+    /// Polls `/status` until `pred` holds; panics with the last document and the log tail.
+    pub async fn wait_status<F: FnMut(&serde_json::Value) -> bool>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut pred: F,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = self.status();
+            if let Ok(s) = &last {
+                if pred(s) {
+                    return s.clone();
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "promoter status: timed out after {timeout:?} waiting for {what}; last: {}\n--- promoter log tail\n{}",
+                    match last {
+                        Ok(s) => serde_json::to_string_pretty(&s).unwrap_or_default(),
+                        Err(e) => e,
+                    },
+                    tail(&self.log_text(), 50)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until the promoter is steady with `primary`.
+    pub async fn wait_steady(&self, primary: &str, timeout: Duration) -> serde_json::Value {
+        self.wait_status(timeout, &format!("steady with primary {primary}"), |s| {
+            s["decision"] == "steady" && s["primary"] == primary
+        })
+        .await
+    }
+
+    /// Runs a one-shot command (`switchover ...`, `rejoin ...`) with this config; returns its
+    /// output. Blocking: call from `spawn_blocking` when the test runtime must keep running.
+    pub fn cli(&self, args: &[&str], timeout: Duration) -> Output {
+        let mut cmd = self.command();
+        cmd.args(args);
+        super::run_with_timeout(&mut cmd, timeout)
+            .unwrap_or_else(|e| panic!("pglb-promoter {args:?}: {e}"))
+    }
+}
+
+impl Drop for Promoter {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            super::signal(c.id(), libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- promoter log tail ({})\n{}",
+                self.log.display(),
+                tail(&self.log_text(), 80)
+            );
+        }
+    }
+}
+
+/// Runs `pglb-promoter rejoin` for `node` (data dir, binaries and log from the harness) and
+/// panics with its output unless it succeeds.
+pub async fn rejoin(promoter: &Promoter, node: &PgNode) -> String {
+    let args = vec![
+        "rejoin".to_string(),
+        "--name".into(),
+        node.name().to_string(),
+        "--data-dir".into(),
+        node.data_dir().display().to_string(),
+        "--pg-bin".into(),
+        pg_bin_dir().display().to_string(),
+        "--log".into(),
+        node.log_path().display().to_string(),
+        "--timeout".into(),
+        "60s".into(),
+    ];
+    let mut cmd = promoter.command();
+    cmd.args(&args);
+    let out = tokio::task::spawn_blocking(move || {
+        super::run_with_timeout(&mut cmd, Duration::from_secs(180))
+    })
+    .await
+    .expect("join rejoin")
+    .unwrap_or_else(|e| panic!("pglb-promoter rejoin: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "rejoin {} failed ({}):\n{text}",
+        node.name(),
+        out.status
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Runs `pglb-promoter switchover --to NAME`; returns the JSON report.
+pub async fn switchover(promoter: &Promoter, to: &str) -> serde_json::Value {
+    let mut cmd = promoter.command();
+    cmd.args(["switchover", "--to", to]);
+    let out = tokio::task::spawn_blocking(move || {
+        super::run_with_timeout(&mut cmd, Duration::from_secs(120))
+    })
+    .await
+    .expect("join switchover")
+    .unwrap_or_else(|e| panic!("pglb-promoter switchover: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "switchover to {to} failed ({}):\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("switchover report: {e}: {stdout}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A relay that can be cut
+// ---------------------------------------------------------------------------------------------
+
+/// TCP relay on 127.0.0.1 to `target`. `cut()` ends every relayed connection and makes new
+/// ones hang (accepted, never answered), like a network partition; `heal()` undoes it.
+pub struct Relay {
+    pub addr: SocketAddr,
+    cut: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr");
+        let (cut, cut_rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    if *cut_rx.borrow_and_update() {
+                        // Partitioned: hold the socket silently until healed.
+                        let _ = cut_rx.wait_for(|c| !*c).await;
+                        return;
+                    }
+                    let Ok(mut backend) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut backend) => {}
+                        _ = cut_rx.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Relay { addr, cut, task }
+    }
+
+    pub fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+
+    pub fn heal(&self) {
+        let _ = self.cut.send(false);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A writer through pglb
+// ---------------------------------------------------------------------------------------------
+
+/// One acknowledged insert.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack {
+    pub id: i64,
+    pub at: Instant,
+    /// `inet_server_port()` of the server that took it.
+    pub port: u16,
+}
+
+/// Inserts rows with increasing ids into `table` through `addr` as fast as one session can,
+/// reconnecting after every error; records what was acknowledged.
+pub struct Writer {
+    pub table: String,
+    acks: Arc<Mutex<Vec<Ack>>>,
+    pub errors: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Creates `table` through `addr`, then starts writing.
+    pub async fn start(addr: SocketAddr, table: &str) -> Writer {
+        let c = connect_as(addr, APP_USER, APP_PASSWORD)
+            .await
+            .expect("writer: connect to create the table");
+        c.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (id bigint PRIMARY KEY, at timestamptz DEFAULT now())"
+        ))
+        .await
+        .expect("writer: create table");
+        drop(c);
+        let acks: Arc<Mutex<Vec<Ack>>> = Arc::default();
+        let errors = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let (acks, errors, stop, table) = (
+                acks.clone(),
+                errors.clone(),
+                stop.clone(),
+                table.to_string(),
+            );
+            async move {
+                let mut id = 1i64;
+                while !stop.load(Ordering::Relaxed) {
+                    let cfg = super::client_config(addr, APP_USER, APP_PASSWORD);
+                    let conn = tokio::time::timeout(
+                        Duration::from_secs(3),
+                        cfg.connect(tokio_postgres::NoTls),
+                    )
+                    .await;
+                    let client = match conn {
+                        Ok(Ok((client, connection))) => {
+                            tokio::spawn(async move {
+                                let _ = connection.await;
+                            });
+                            client
+                        }
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        let sql = format!(
+                            "INSERT INTO {table} (id) VALUES ({id}) RETURNING inet_server_port()"
+                        );
+                        match tokio::time::timeout(
+                            Duration::from_secs(3),
+                            client.simple_query(&sql),
+                        )
+                        .await
+                        {
+                            Ok(Ok(msgs)) => {
+                                let port = msgs
+                                    .iter()
+                                    .find_map(|m| match m {
+                                        tokio_postgres::SimpleQueryMessage::Row(r) => {
+                                            r.get(0).and_then(|p| p.parse().ok())
+                                        }
+                                        _ => None,
+                                    })
+                                    .unwrap_or(0);
+                                acks.lock().unwrap().push(Ack {
+                                    id,
+                                    at: Instant::now(),
+                                    port,
+                                });
+                                id += 1;
+                            }
+                            _ => {
+                                // Unknown outcome for this id: never reuse it.
+                                id += 1;
+                                errors.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Writer {
+            table: table.to_string(),
+            acks,
+            errors,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    pub fn acks(&self) -> Vec<Ack> {
+        self.acks.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.acks.lock().unwrap().len()
+    }
+
+    /// The first acknowledged insert after `t`.
+    pub fn first_after(&self, t: Instant) -> Option<Ack> {
+        self.acks.lock().unwrap().iter().find(|a| a.at > t).copied()
+    }
+
+    /// The first insert acknowledged after `t` by a server other than the one on `port` (an
+    /// answer from a killed server may still arrive just after the kill).
+    pub fn first_elsewhere(&self, t: Instant, port: u16) -> Option<Ack> {
+        self.acks
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|a| a.at > t && a.port != port)
+            .copied()
+    }
+
+    /// Waits for [`Writer::first_elsewhere`].
+    pub async fn wait_first_elsewhere(&self, t: Instant, port: u16, timeout: Duration) -> Ack {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(a) = self.first_elsewhere(t, port) {
+                return a;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "no write acknowledged by another server within {timeout:?} ({} acks, {} errors)",
+                    self.count(),
+                    self.errors.load(Ordering::Relaxed)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn wait_count(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.count() < n {
+            if Instant::now() >= deadline {
+                panic!(
+                    "writer: {} of {n} rows acknowledged after {timeout:?} ({} errors)",
+                    self.count(),
+                    self.errors.load(Ordering::Relaxed)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops writing; returns every acknowledged row.
+    pub async fn stop(mut self) -> Vec<Ack> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        self.acks()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Acknowledged ids missing from `table` on `node`.
+pub fn missing_rows(node: &PgNode, table: &str, acks: &[Ack]) -> Vec<i64> {
+    let (Some(lo), Some(hi)) = (
+        acks.iter().map(|a| a.id).min(),
+        acks.iter().map(|a| a.id).max(),
+    ) else {
+        return vec![];
+    };
+    // The server lists the absent ids of the range (few); the client keeps the acknowledged ones.
+    let out = node.exec(&format!(
+        "SELECT coalesce(string_agg(x::text, ','), '') FROM generate_series({lo}::bigint, {hi}) AS x \
+         WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE id = x)"
+    ));
+    let acked: std::collections::HashSet<i64> = acks.iter().map(|a| a.id).collect();
+    out.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().expect("id"))
+        .filter(|id| acked.contains(id))
+        .collect()
+}
