@@ -62,9 +62,15 @@ fn default_stats() -> Spanned<String> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileCheck {
-    #[serde(default = "default_interval", with = "humantime_serde")]
+    #[serde(
+        default = "default_interval",
+        deserialize_with = "de_positive_duration"
+    )]
     pub interval: Duration,
-    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_check_timeout",
+        deserialize_with = "de_positive_duration"
+    )]
     pub timeout: Duration,
     #[serde(default = "default_threshold")]
     pub rise: Spanned<u32>,
@@ -77,6 +83,15 @@ pub struct FileCheck {
     pub password: Option<Spanned<String>>,
     #[serde(default = "default_database")]
     pub database: String,
+}
+
+/// A humantime duration that must be greater than zero (reported at the key's own line).
+fn de_positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let v: Duration = humantime_serde::deserialize(d)?;
+    if v.is_zero() {
+        return Err(serde::de::Error::custom("must be greater than zero"));
+    }
+    Ok(v)
 }
 
 fn default_interval() -> Duration {

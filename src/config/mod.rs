@@ -263,14 +263,6 @@ impl Validator<'_> {
                 return Err(self.invalid(v, key, "must be at least 1"));
             }
         }
-        if c.interval.is_zero() || c.timeout.is_zero() {
-            return Err(ConfigError::Invalid {
-                path: self.path.to_path_buf(),
-                line: 0,
-                key: "check.interval/check.timeout".into(),
-                message: "must be greater than zero".into(),
-            });
-        }
         let (password, password_source) =
             self.secret(&c.password_env, &c.password_file, "check.password")?;
         let promoter = match &raw.promoter {
