@@ -287,9 +287,10 @@ pub struct FileStats {
     /// Or a bearer token for reading (the admin token also reads).
     pub read_token_env: Option<Spanned<String>>,
     pub read_token_file: Option<Spanned<String>>,
-    /// Env var holding the bearer token for admin actions; without a token they are off.
-    pub admin_token_env: Option<String>,
-    pub admin_token_file: Option<String>,
+    /// Env var (or file) holding the bearer token for admin actions; without one they are off.
+    /// Named but not readable is a config error, not silently "off".
+    pub admin_token_env: Option<Spanned<String>>,
+    pub admin_token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -348,13 +348,11 @@ impl Validator<'_> {
             });
         }
 
-        let admin_token = match (&raw.stats.admin_token_env, &raw.stats.admin_token_file) {
-            (Some(var), _) => std::env::var(var).ok().map(Secret),
-            (None, Some(f)) => std::fs::read_to_string(f)
-                .ok()
-                .map(|s| Secret(s.trim().to_string())),
-            (None, None) => None,
-        };
+        let (admin_token, _) = self.secret(
+            &raw.stats.admin_token_env,
+            &raw.stats.admin_token_file,
+            "stats.admin_token",
+        )?;
 
         let st = &raw.stats;
         let read_basic = match (&st.read_user, &st.read_password_env, &st.read_password_file) {
