@@ -277,7 +277,17 @@ async fn open_backend(
     let mut s = connect_tcp(address, timeout).await?;
     let exchange = async {
         s.write_all(first).await?;
-        s.readable().await
+        // Wait for the server's first byte without consuming it. A server that accepted and
+        // then died (a postmaster killed with the connection in its accept queue) closes or
+        // resets without a byte: that is a failed connect, and the next candidate gets the
+        // packet, instead of the client seeing "server closed the connection".
+        match s.peek(&mut [0u8; 1]).await? {
+            0 => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "backend closed the connection before answering",
+            )),
+            _ => Ok(()),
+        }
     };
     match tokio::time::timeout_at(started + timeout, exchange).await {
         Ok(Ok(())) => Ok(s),

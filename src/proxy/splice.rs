@@ -125,11 +125,32 @@ async fn move_available(
     buf: &mut [u8],
     counter: &AtomicU64,
 ) -> Result<bool, SpliceError> {
+    use std::io::Read;
     loop {
-        let n = match from.try_read(buf) {
+        // A read shorter than the buffer drained the socket: report it to tokio as WouldBlock
+        // inside try_io, so readiness is cleared now (an edge that arrived since carries a newer
+        // tick and is kept) and the recv() that would only return EAGAIN is never made. Half
+        // the receive system calls per forwarded message (tokio's own poll_read does the same).
+        let mut got = 0usize;
+        let cap = buf.len();
+        let r = from.try_io(tokio::io::Interest::READABLE, || {
+            let n = (&*SockRef::from(from)).read(&mut buf[..])?;
+            got = n;
+            if n > 0 && n < cap {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        let (n, drained) = match r {
             Ok(0) => return Ok(true),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Ok(n) => (n, false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if got == 0 {
+                    return Ok(false);
+                }
+                (got, true)
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(err(from_side, e)),
         };
@@ -145,6 +166,9 @@ async fn move_available(
             }
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
+        if drained {
+            return Ok(false);
+        }
     }
 }
 
