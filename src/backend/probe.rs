@@ -116,7 +116,11 @@ pub fn classify(e: tokio_postgres::Error) -> ProbeError {
         return ProbeError::Server(format!("{msg} ({})", code.code()));
     }
     let text = e.to_string();
-    if text.contains("password missing") {
+    // tokio-postgres says "invalid configuration" and keeps the reason in the source.
+    let cause = std::error::Error::source(&e)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    if text.contains("password missing") || cause.contains("password missing") {
         return ProbeError::Auth("the server asks for a password and none is configured".into());
     }
     ProbeError::Io(text)
