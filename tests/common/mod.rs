@@ -24,7 +24,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -301,6 +300,46 @@ fn signal(pid: u32, sig: libc::c_int) -> bool {
     unsafe { libc::kill(pid as libc::pid_t, sig) == 0 }
 }
 
+/// State letter and parent PID from `/proc/<pid>/stat` (`R`, `S`, `T` for stopped, ...).
+fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// State letter of `pid` from `/proc/<pid>/stat`; `None` when it is gone.
+pub fn process_state(pid: u32) -> Option<char> {
+    proc_stat(pid).map(|(s, _)| s)
+}
+
+/// `root` and every descendant of it, by parent PID, `root` first.
+fn descendants_of(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|pid| proc_stat(pid).map(|(_, ppid)| (pid, ppid)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(
+            parents
+                .iter()
+                .filter(|&&(pid, ppid)| ppid == parent && !out.contains(&pid))
+                .map(|&(pid, _)| pid)
+                .collect::<Vec<_>>(),
+        );
+        i += 1;
+    }
+    out
+}
+
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL
 // ---------------------------------------------------------------------------------------------
@@ -386,7 +425,8 @@ pub struct PgNode {
     sock: PathBuf,
     log: PathBuf,
     bins: PathBuf,
-    frozen: AtomicBool,
+    /// PIDs stopped by [`PgNode::freeze`], postmaster first; empty when not frozen.
+    frozen: Mutex<Vec<u32>>,
 }
 
 impl PgNode {
@@ -405,7 +445,7 @@ impl PgNode {
             sock,
             dir,
             bins: pg_bin_dir(),
-            frozen: AtomicBool::new(false),
+            frozen: Mutex::new(Vec::new()),
         }
     }
 
@@ -642,20 +682,69 @@ impl PgNode {
         self.postmaster_pid().is_some_and(|pid| signal(pid, 0))
     }
 
-    /// SIGSTOP to the postmaster: new connections hang (the kernel still completes the TCP
-    /// handshake), sessions already open keep working. Simulates a hung host for new logins.
-    pub fn freeze(&self) {
-        let pid = self.postmaster_pid().expect("freeze: server not running");
-        assert!(signal(pid, libc::SIGSTOP), "SIGSTOP {pid}");
-        self.frozen.store(true, Ordering::SeqCst);
+    /// PIDs of this running instance: the postmaster (first) and all its descendants (backends,
+    /// WAL senders and receivers, checkpointer, ...), found by parent PID in `/proc/*/stat`,
+    /// never by name. Empty when the server is not running.
+    pub fn instance_pids(&self) -> Vec<u32> {
+        match self.postmaster_pid() {
+            Some(pid) if signal(pid, 0) => descendants_of(pid),
+            _ => Vec::new(),
+        }
     }
 
-    /// SIGCONT to the postmaster after [`PgNode::freeze`].
-    pub fn thaw(&self) {
-        if self.frozen.swap(false, Ordering::SeqCst) {
-            if let Some(pid) = self.postmaster_pid() {
-                signal(pid, libc::SIGCONT);
+    /// Freezes the whole server like a hung host: SIGSTOP to the postmaster, then to every
+    /// descendant (repeated until no new one shows up); returns once all of them are stopped.
+    /// New connections hang (the kernel still completes the TCP handshake), open sessions hang,
+    /// WAL senders and receivers send nothing.
+    pub fn freeze(&self) {
+        let mut frozen = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(frozen.is_empty(), "freeze: {} is already frozen", self.name);
+        let pm = self.postmaster_pid().expect("freeze: server not running");
+        assert!(signal(pm, libc::SIGSTOP), "SIGSTOP {pm}");
+        frozen.push(pm);
+        // A stopped postmaster forks no new child; a child forking right now may add one.
+        loop {
+            let new: Vec<u32> = descendants_of(pm)
+                .into_iter()
+                .filter(|p| !frozen.contains(p))
+                .collect();
+            if new.is_empty() {
+                break;
             }
+            for p in new {
+                // A child may have exited meanwhile: nothing to stop then.
+                if signal(p, libc::SIGSTOP) {
+                    frozen.push(p);
+                }
+            }
+        }
+        let pids = frozen.clone();
+        drop(frozen);
+        // Stopped, or gone (exited, or a zombie its stopped postmaster cannot reap).
+        let running = || -> Vec<(u32, char)> {
+            pids.iter()
+                .filter_map(|&p| process_state(p).map(|s| (p, s)))
+                .filter(|&(_, s)| !matches!(s, 'T' | 'Z' | 'X'))
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !running().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "freeze {}: processes still running after 10s (pid, state): {:?}",
+                self.name,
+                running()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGCONT to every process [`PgNode::freeze`] stopped (no-op when not frozen).
+    pub fn thaw(&self) {
+        let pids = std::mem::take(&mut *self.frozen.lock().unwrap_or_else(|e| e.into_inner()));
+        // Children first, the postmaster last.
+        for &p in pids.iter().rev() {
+            signal(p, libc::SIGCONT);
         }
     }
 

@@ -355,6 +355,15 @@ impl Promoter {
         serde_json::from_str(&body).map_err(|e| format!("/status: {e}: {body}"))
     }
 
+    /// `GET /metrics` (Prometheus text format).
+    pub fn metrics(&self) -> Result<String, String> {
+        let (code, body) = http_get(self.status, "/metrics")?;
+        if code != 200 {
+            return Err(format!("/metrics answered {code}"));
+        }
+        Ok(body)
+    }
+
     /// Polls `/status` until `pred` holds; panics with the last document and the log tail.
     pub async fn wait_status<F: FnMut(&serde_json::Value) -> bool>(
         &self,
@@ -750,4 +759,37 @@ pub fn missing_rows(node: &PgNode, table: &str, acks: &[Ack]) -> Vec<i64> {
         .map(|s| s.parse().expect("id"))
         .filter(|id| acked.contains(id))
         .collect()
+}
+
+/// Value of the sample `name{labels}` in Prometheus text `metrics`: the series called `name`
+/// whose labels are exactly `labels` (any order). `None` when there is no such series.
+pub fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    want.sort();
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.trim().rsplit_once(' ')?;
+            let (n, mut got) = match series.split_once('{') {
+                Some((n, rest)) => {
+                    let inner = rest.strip_suffix('}')?;
+                    let got: Option<Vec<(String, String)>> = inner
+                        .split("\",")
+                        .filter(|p| !p.is_empty())
+                        .map(|p| {
+                            let (k, v) = p.split_once('=')?;
+                            Some((k.to_string(), v.trim_matches('"').to_string()))
+                        })
+                        .collect();
+                    (n, got?)
+                }
+                None => (series, vec![]),
+            };
+            got.sort();
+            (n == name && got == want).then(|| value.parse().ok())?
+        })
 }
