@@ -90,13 +90,8 @@ pub async fn handle(
     let span = tracing::info_span!("conn", id, %peer, port = port.as_str(), backend = tracing::field::Empty);
     async move {
         let cfg = ctx.cluster.config();
-        let tuning = SocketTuning {
-            keepalive: cfg.proxy.tcp_keepalive,
-            user_timeout: cfg.proxy.tcp_user_timeout,
-        };
-        if let Err(e) = tuning.apply(&client) {
-            debug!(error = %e, "cannot tune client socket");
-        }
+        // The client socket has its options from the listener (proxy::listener).
+        let tuning = SocketTuning::from(&cfg.proxy);
         let startup_timeout = cfg.proxy.client_startup_timeout;
         let (first, parsed) = match read_first(&mut client, startup_timeout).await {
             Ok(p) => p,
@@ -131,8 +126,8 @@ pub async fn handle(
             return;
         }
 
-        let (slot, backend_stream) = match choose(&ctx, port, &cfg, &first).await {
-            Choice::Connected(slot, stream) => (slot, stream),
+        let (slot, backend_stream, answer) = match choose(&ctx, port, &cfg, &first).await {
+            Choice::Connected(slot, stream, answer) => (slot, stream, answer),
             Choice::NoBackend => {
                 let message = match port {
                     PortRole::Write => "pglb: no primary is available for writes",
@@ -159,7 +154,7 @@ pub async fn handle(
         if let Err(e) = tuning.apply(&backend_stream) {
             debug!(error = %e, "cannot tune backend socket");
         }
-        session(client, backend_stream, &parsed, slot, port, ctx).await;
+        session(client, backend_stream, answer, &parsed, slot, port, ctx).await;
     }
     .instrument(span)
     .await
@@ -196,9 +191,13 @@ async fn refuse(
 }
 
 enum Choice {
-    Connected(SessionSlot, TcpStream),
+    /// The slot, the connected backend and its first answer, not yet sent to the client.
+    Connected(SessionSlot, TcpStream, Vec<u8>),
     NoBackend,
-    Full { backend: String, maxconn: u64 },
+    Full {
+        backend: String,
+        maxconn: u64,
+    },
 }
 
 /// Picks and connects a backend: candidates in order, skipping any at its maxconn and any that
@@ -221,13 +220,13 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]
             };
             let address = b.config().address.clone();
             match open_backend(&address, cfg.proxy.connect_timeout, first).await {
-                Ok(s) => {
+                Ok((s, answer)) => {
                     slot.connected();
                     slot.backend()
                         .counters(port)
                         .bytes_in
                         .fetch_add(first.len() as u64, Ordering::Relaxed);
-                    return Choice::Connected(slot, s);
+                    return Choice::Connected(slot, s, answer);
                 }
                 Err(e) => {
                     warn!(backend = %b.name, %address, reason = %e, "backend connect failed, trying the next candidate");
@@ -272,29 +271,45 @@ async fn open_backend(
     address: &str,
     timeout: Duration,
     first: &[u8],
-) -> Result<TcpStream, ConnectError> {
+) -> Result<(TcpStream, Vec<u8>), ConnectError> {
     let started = tokio::time::Instant::now();
     let mut s = connect_tcp(address, timeout).await?;
     let exchange = async {
         s.write_all(first).await?;
-        // Wait for the server's first byte without consuming it. A server that accepted and
-        // then died (a postmaster killed with the connection in its accept queue) closes or
-        // resets without a byte: that is a failed connect, and the next candidate gets the
-        // packet, instead of the client seeing "server closed the connection".
-        match s.peek(&mut [0u8; 1]).await? {
-            0 => Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "backend closed the connection before answering",
-            )),
-            _ => Ok(()),
+        // Read the server's first answer ('S'/'N' to an SSLRequest, an authentication request
+        // to a StartupMessage). A server that accepted and then died (a postmaster killed with
+        // the connection in its accept queue) closes or resets without a byte: a failed
+        // connect, and the next candidate gets the packet, instead of the client seeing "server
+        // closed the connection". The bytes are the ones the splice would read next anyway.
+        let mut answer = vec![0u8; FIRST_ANSWER_MAX];
+        loop {
+            s.readable().await?;
+            match s.try_read(&mut answer) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "backend closed the connection before answering",
+                    ))
+                }
+                Ok(n) => {
+                    answer.truncate(n);
+                    return Ok(answer);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
         }
     };
     match tokio::time::timeout_at(started + timeout, exchange).await {
-        Ok(Ok(())) => Ok(s),
+        Ok(Ok(answer)) => Ok((s, answer)),
         Ok(Err(e)) => Err(ConnectError::Io(e.to_string())),
         Err(_) => Err(ConnectError::Timeout(timeout)),
     }
 }
+
+/// Most a backend's first answer is read into before splicing takes over (an authentication
+/// request is a few dozen bytes; the rest, if any, is spliced).
+const FIRST_ANSWER_MAX: usize = 1024;
 
 /// A client over the listener's maxconn: answer like PostgreSQL does (53300) and close.
 pub async fn refuse_over_limit(
@@ -320,8 +335,9 @@ pub async fn refuse_over_limit(
 }
 
 async fn session(
-    client: TcpStream,
+    mut client: TcpStream,
     backend_stream: TcpStream,
+    answer: Vec<u8>,
     parsed: &FirstPacket,
     slot: SessionSlot,
     port: PortRole,
@@ -330,6 +346,15 @@ async fn session(
     let backend = slot.backend().clone();
     let counters = backend.counters(port);
     debug!(first_packet = parsed.kind(), "session started");
+    // The backend's first answer, read while connecting, goes out first.
+    if let Err(e) = client.write_all(&answer).await {
+        debug!(error = %e, "session ended by client error");
+        return;
+    }
+    counters
+        .bytes_out
+        .fetch_add(answer.len() as u64, Ordering::Relaxed);
+    drop(answer);
 
     let mut routing = ctx.cluster.subscribe();
     let name = backend.name.clone();

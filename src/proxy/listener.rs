@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::client::{handle, refuse_over_limit, SessionContext};
+use crate::backend::net::SocketTuning;
 use crate::backend::PortRole;
 
 static CONN_ID: AtomicU64 = AtomicU64::new(1);
@@ -52,6 +53,7 @@ pub async fn serve(
     // them is just closed.
     let refusing = Arc::new(AtomicU64::new(0));
     let mut last_limit_log: Option<Instant> = None;
+    let mut tuned: Option<SocketTuning> = None;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -60,6 +62,18 @@ pub async fn serve(
         match accepted {
             Ok((stream, peer)) => {
                 let cfg = ctx.cluster.config();
+                let want = SocketTuning::from(&cfg.proxy);
+                if tuned != Some(want) {
+                    // First client, or the options changed in a reload: tune the listener, whose
+                    // options Linux copies to the sockets it accepts, and this one by hand.
+                    if let Err(e) = want.apply_listener(&listener) {
+                        warn!(port = port.as_str(), error = %e, "cannot set socket options on the listener");
+                    }
+                    tuned = Some(want);
+                    if let Err(e) = want.apply(&stream) {
+                        tracing::debug!(error = %e, "cannot tune client socket");
+                    }
+                }
                 let maxconn = cfg.proxy.maxconn;
                 if open.load(Ordering::Relaxed) >= maxconn {
                     crate::metrics::client_rejected(port, "maxconn");
