@@ -69,6 +69,9 @@ pub(crate) fn key_at_line(src: &str, line: usize) -> Option<String> {
                 .to_string()
         })
     });
+    // A bare `[` names no section: fall back to the line's key, or none.
+    let section = section.filter(|s| !s.is_empty());
+    let key = key.filter(|k| !k.is_empty());
     match (section, key) {
         (Some(s), Some(k)) => Some(format!("{s}.{k}")),
         (None, Some(k)) => Some(k),

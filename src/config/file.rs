@@ -281,7 +281,7 @@ fn default_user_timeout() -> Duration {
 #[serde(deny_unknown_fields)]
 pub struct FileStats {
     /// Require `Authorization: Basic` with this user for reading the stats pages.
-    pub read_user: Option<String>,
+    pub read_user: Option<Spanned<String>>,
     pub read_password_env: Option<Spanned<String>>,
     pub read_password_file: Option<Spanned<String>>,
     /// Or a bearer token for reading (the admin token also reads).

@@ -235,19 +235,47 @@ impl Validator<'_> {
         let write = self.addr(&raw.listen.write, "listen.write")?;
         let read = self.addr(&raw.listen.read, "listen.read")?;
         let stats = self.addr(&raw.listen.stats, "listen.stats")?;
+        // A clash is reported at the line that is in the file (the other may be a default).
+        let in_file = |v: &Spanned<String>| !v.span().is_empty();
         if write == read {
-            return Err(self.invalid(
-                &raw.listen.read,
-                "listen.read",
-                "must differ from listen.write",
-            ));
+            return Err(if in_file(&raw.listen.read) {
+                self.invalid(
+                    &raw.listen.read,
+                    "listen.read",
+                    "must differ from listen.write",
+                )
+            } else {
+                self.invalid(
+                    &raw.listen.write,
+                    "listen.write",
+                    format!("must differ from listen.read ({read}, its default)"),
+                )
+            });
         }
         if stats == write || stats == read {
-            return Err(self.invalid(
-                &raw.listen.stats,
-                "listen.stats",
-                "must differ from listen.write and listen.read",
-            ));
+            let other = if stats == write {
+                &raw.listen.write
+            } else {
+                &raw.listen.read
+            };
+            let other_key = if stats == write {
+                "listen.write"
+            } else {
+                "listen.read"
+            };
+            return Err(if in_file(&raw.listen.stats) || !in_file(other) {
+                self.invalid(
+                    &raw.listen.stats,
+                    "listen.stats",
+                    "must differ from listen.write and listen.read",
+                )
+            } else {
+                self.invalid(
+                    other,
+                    other_key,
+                    format!("must differ from listen.stats ({stats}, its default)"),
+                )
+            });
         }
 
         let c = &raw.check;
@@ -358,23 +386,22 @@ impl Validator<'_> {
         let read_basic = match (&st.read_user, &st.read_password_env, &st.read_password_file) {
             (None, None, None) => None,
             (Some(u), e, f) => match self.secret(e, f, "stats.read_password")? {
-                (Some(p), _) => Some((u.clone(), p)),
+                (Some(p), _) => Some((u.get_ref().clone(), p)),
                 (None, _) => {
-                    return Err(ConfigError::Invalid {
-                        path: self.path.to_path_buf(),
-                        line: 0,
-                        key: "stats.read_password_env".into(),
-                        message: "read_user needs read_password_env or read_password_file".into(),
-                    })
+                    return Err(self.invalid(
+                        u,
+                        "stats.read_user",
+                        "read_user needs read_password_env or read_password_file",
+                    ))
                 }
             },
-            (None, _, _) => {
-                return Err(ConfigError::Invalid {
-                    path: self.path.to_path_buf(),
-                    line: 0,
-                    key: "stats.read_user".into(),
-                    message: "a read password needs read_user".into(),
-                })
+            (None, e, f) => {
+                let (span, key) = match (e, f) {
+                    (Some(e), _) => (e, "stats.read_password_env"),
+                    (None, Some(f)) => (f, "stats.read_password_file"),
+                    (None, None) => unreachable!("matched (None, None, None) above"),
+                };
+                return Err(self.invalid(span, key, "a read password needs read_user"));
             }
         };
         let (read_token, _) =

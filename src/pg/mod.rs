@@ -126,6 +126,13 @@ fn startup_params(body: &[u8]) -> Result<(Option<String>, Option<String>), Packe
             .next()
             .ok_or(PacketError::Malformed("StartupMessage"))?;
         if name.is_empty() {
+            // The empty name is the packet's last byte, as PostgreSQL requires ("invalid startup
+            // packet layout: expected terminator as last byte" otherwise).
+            if fields.next() != Some(&[][..]) || fields.next().is_some() {
+                return Err(PacketError::Malformed(
+                    "StartupMessage (bytes after its terminator)",
+                ));
+            }
             break;
         }
         let value = fields
