@@ -158,3 +158,90 @@ async fn stats_can_require_credentials_for_reading() {
     let log = lb.log_text();
     assert!(!log.contains("stats-pw-81") && !log.contains("stats-token-92"));
 }
+
+/// pglb's CPU time (user + system, all threads) in seconds, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// Out of file descriptors: `accept` fails (EMFILE); pglb logs it once per burst, counts it, backs
+/// off instead of spinning, and serves again by itself once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn running_out_of_descriptors_backs_off_and_recovers() {
+    let cluster = PgCluster::start(0);
+    let mut lb = Pglb::builder(&cluster).nofile(48).start();
+    lb.wait_ready().await;
+
+    // Each session holds two descriptors in pglb: open sessions until one cannot be had.
+    let mut held = Vec::new();
+    let exhausted = loop {
+        assert!(
+            held.len() < 40,
+            "48 descriptors held 40 sessions: the limit did not apply"
+        );
+        match tokio::time::timeout(Duration::from_secs(3), connect(lb.write)).await {
+            Ok(Ok(c)) => held.push(c),
+            Ok(Err(e)) => break format!("{e}"),
+            Err(_) => break "no answer within 3 s".to_string(),
+        }
+    };
+    assert!(
+        held.len() >= 5,
+        "only {} sessions before: {exhausted}",
+        held.len()
+    );
+    lb.wait_log(Duration::from_secs(10), "accept failed; backing off")
+        .await;
+    // While descriptors stay exhausted: no busy loop, and the error logged once per burst.
+    let cpu0 = cpu_seconds(lb.pid());
+    let wall = Instant::now();
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        // clients queued in the kernel's backlog keep accept failing
+        waiting.push(TcpStream::connect(lb.write).expect("tcp connect to the write port"));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu = cpu_seconds(lb.pid()) - cpu0;
+    let secs = wall.elapsed().as_secs_f64();
+    assert!(
+        cpu < 0.25 * secs,
+        "pglb used {cpu:.2} s of CPU in {secs:.1} s while out of descriptors: a busy loop"
+    );
+    let logged = lb.log_text().matches("accept failed; backing off").count();
+    eprintln!(
+        "{} sessions held, then: {exhausted}; {cpu:.2} s CPU in {secs:.1} s; logged {logged}x",
+        held.len()
+    );
+    assert!(
+        logged <= 2,
+        "the accept error was logged {logged} times in one burst"
+    );
+
+    // Descriptors back: new sessions work again without any help.
+    drop(waiting);
+    drop(held);
+    wait_until_async(
+        Duration::from_secs(15),
+        "a session through the write port",
+        || async {
+            match tokio::time::timeout(Duration::from_secs(2), connect(lb.write)).await {
+                Ok(Ok(c)) => scalar(&c, "SELECT 1").await.is_ok(),
+                _ => false,
+            }
+        },
+    )
+    .await;
+    assert!(lb.try_exit_status().is_none(), "pglb exited");
+    let (_, text) = http_get(lb.stats, "/metrics").expect("metrics");
+    let errors: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("pglb_accept_errors_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(errors > 0.0, "no pglb_accept_errors_total:\n{text}");
+}

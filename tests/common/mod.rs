@@ -983,6 +983,7 @@ pub struct PglbBuilder {
     check_password: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    nofile: Option<u64>,
 }
 
 fn table(entries: &[(&str, toml::Value)]) -> toml::Table {
@@ -1023,6 +1024,7 @@ impl PglbBuilder {
             check_password: CHECK_PASSWORD.to_string(),
             args: Vec::new(),
             env: Vec::new(),
+            nofile: None,
         }
     }
 
@@ -1060,6 +1062,12 @@ impl PglbBuilder {
     }
 
     /// Extra command-line arguments after `--config FILE`.
+    /// Starts pglb with this `RLIMIT_NOFILE` (soft and hard), to run it out of descriptors.
+    pub fn nofile(mut self, limit: u64) -> Self {
+        self.nofile = Some(limit);
+        self
+    }
+
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.to_string());
         self
@@ -1134,6 +1142,22 @@ impl PglbBuilder {
             }
             for (k, v) in &self.env {
                 cmd.env(k, v);
+            }
+            if let Some(limit) = self.nofile {
+                use std::os::unix::process::CommandExt;
+                let lim = libc::rlimit {
+                    rlim_cur: limit as libc::rlim_t,
+                    rlim_max: limit as libc::rlim_t,
+                };
+                // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
             }
             let child = cmd.spawn().expect("spawn pglb");
             let mut lb = Pglb {
