@@ -7,36 +7,13 @@ mod common;
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{ErrorKind, Read, Write};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// One HTTP/1.1 request with an optional bearer token: (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect stats");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body.to_string())
-}
 
 fn metrics_text(stats: SocketAddr) -> String {
     let (code, body) = http_get(stats, "/metrics").expect("GET /metrics");
@@ -503,7 +480,7 @@ async fn broken_file_is_reported_with_file_and_line_until_a_good_one() {
     assert!(logged.contains(&at), "log line lacks {at:?}: {logged}");
     assert!(logged.contains("check.interval"), "{logged}");
 
-    let (code, page) = http(lb.stats, "GET", "/", None);
+    let (code, page) = http_request(lb.stats, "GET", "/", None);
     assert_eq!(code, 200);
     assert!(page.contains("rejected") && page.contains("check.interval"));
 
@@ -664,7 +641,7 @@ async fn admin_token_from_file() {
     .await;
 
     for token in [None, Some("wrong-token"), Some("file-token-c41")] {
-        let (code, body) = http(lb.stats, "POST", "/api/backends/pg-1/drain", token);
+        let (code, body) = http_request(lb.stats, "POST", "/api/backends/pg-1/drain", token);
         assert_eq!(code, 401, "token {token:?}: {body}");
     }
     lb.wait_log(Duration::from_secs(5), "admin action refused")
@@ -672,7 +649,7 @@ async fn admin_token_from_file() {
     assert_eq!(lb.stats().unwrap().backend("pg-1").state, "up");
     assert_eq!(landing_port(lb.read).await, cluster.node(1).port());
 
-    let (code, body) = http(lb.stats, "POST", "/api/backends/pg-1/drain", Some(TOKEN));
+    let (code, body) = http_request(lb.stats, "POST", "/api/backends/pg-1/drain", Some(TOKEN));
     assert_eq!(code, 200, "{body}");
     assert_eq!(lb.stats().unwrap().backend("pg-1").state, "draining");
     // Reads fall back to the primary while pg-1 drains.

@@ -4,35 +4,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-/// One HTTP/1.1 request with optional bearer token: (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect stats");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body.to_string())
-}
 
 fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
@@ -87,7 +62,7 @@ async fn page_json_and_metrics_show_roles_errors_and_lag() {
     assert_eq!(s.backend("pg-0").role, "primary");
     assert_eq!(s.backend("pg-1").role, "replica");
 
-    let (code, html) = http(lb.stats, "GET", "/", None);
+    let (code, html) = http_request(lb.stats, "GET", "/", None);
     assert_eq!(code, 200);
     assert_eq!(html.matches("<table>").count(), 2, "one table per port");
     for needle in [
@@ -108,7 +83,7 @@ async fn page_json_and_metrics_show_roles_errors_and_lag() {
     );
     assert!(html.contains("http-equiv=\"refresh\""));
 
-    let (code, metrics) = http(lb.stats, "GET", "/metrics", None);
+    let (code, metrics) = http_request(lb.stats, "GET", "/metrics", None);
     assert_eq!(code, 200);
     assert_eq!(
         metric(&metrics, "pglb_backend_up{backend=\"pg-0\"}"),
@@ -137,14 +112,14 @@ async fn page_json_and_metrics_show_roles_errors_and_lag() {
     );
     assert!(!metrics.contains(CHECK_PASSWORD));
 
-    assert_eq!(http(lb.stats, "GET", "/health", None).0, 200);
+    assert_eq!(http_request(lb.stats, "GET", "/health", None).0, 200);
     cluster.node(1).resume_replay();
     cluster.primary().stop();
     lb.wait_stats(Duration::from_secs(15), "no primary", |s| {
         s.primary.is_none()
     })
     .await;
-    let (code, body) = http(lb.stats, "GET", "/health", None);
+    let (code, body) = http_request(lb.stats, "GET", "/health", None);
     assert_eq!(code, 503);
     assert!(body.contains("no primary"), "{body}");
 }
@@ -238,18 +213,18 @@ async fn admin_actions_need_the_token_and_survive_reload() {
 
     // Without or with a wrong token: 401 and a log line; nothing changes.
     assert_eq!(
-        http(lb.stats, "POST", "/api/backends/pg-1/drain", None).0,
+        http_request(lb.stats, "POST", "/api/backends/pg-1/drain", None).0,
         401
     );
     assert_eq!(
-        http(lb.stats, "POST", "/api/backends/pg-1/drain", Some("nope")).0,
+        http_request(lb.stats, "POST", "/api/backends/pg-1/drain", Some("nope")).0,
         401
     );
     lb.wait_log(Duration::from_secs(5), "admin action refused")
         .await;
     assert_eq!(lb.stats().unwrap().backend("pg-1").state, "up");
     assert_eq!(
-        http(lb.stats, "POST", "/api/backends/pg-9/drain", Some(TOKEN)).0,
+        http_request(lb.stats, "POST", "/api/backends/pg-9/drain", Some(TOKEN)).0,
         404
     );
 
@@ -269,7 +244,7 @@ async fn admin_actions_need_the_token_and_survive_reload() {
     );
 
     // drain pg-1: no new sessions, the open one stays.
-    let (code, body) = http(lb.stats, "POST", "/api/backends/pg-1/drain", Some(TOKEN));
+    let (code, body) = http_request(lb.stats, "POST", "/api/backends/pg-1/drain", Some(TOKEN));
     assert_eq!(code, 200, "{body}");
     assert_eq!(lb.stats().unwrap().backend("pg-1").state, "draining");
     for _ in 0..6 {
@@ -294,7 +269,7 @@ async fn admin_actions_need_the_token_and_survive_reload() {
 
     // disable pg-2: its open session is closed; reads fall back to the primary.
     assert_eq!(
-        http(lb.stats, "POST", "/api/backends/pg-2/disable", Some(TOKEN)).0,
+        http_request(lb.stats, "POST", "/api/backends/pg-2/disable", Some(TOKEN)).0,
         200
     );
     wait_until_async(Duration::from_secs(5), "pg-2 session closed", || async {
@@ -307,7 +282,7 @@ async fn admin_actions_need_the_token_and_survive_reload() {
     // enable both: reads go to the replicas again.
     for b in ["pg-1", "pg-2"] {
         assert_eq!(
-            http(
+            http_request(
                 lb.stats,
                 "POST",
                 &format!("/api/backends/{b}/enable"),
@@ -332,7 +307,7 @@ async fn admin_actions_need_the_token_and_survive_reload() {
 async fn admin_actions_are_off_without_a_token() {
     let cluster = PgCluster::start(0);
     let lb = Pglb::start(&cluster).await;
-    let (code, body) = http(
+    let (code, body) = http_request(
         lb.stats,
         "POST",
         "/api/backends/pg-0/disable",
