@@ -154,7 +154,20 @@ pub async fn handle(
         if let Err(e) = tuning.apply(&backend_stream) {
             debug!(error = %e, "cannot tune backend socket");
         }
-        session(client, backend_stream, answer, &parsed, slot, port, ctx).await;
+        // The backend's first answer, read while connecting, goes out first.
+        if let Err(e) = client.write_all(&answer).await {
+            debug!(error = %e, "session ended by client error");
+            return;
+        }
+        backend
+            .counters(port)
+            .bytes_out
+            .fetch_add(answer.len() as u64, Ordering::Relaxed);
+        debug!(first_packet = parsed.kind(), "session started");
+        // Nothing of the first exchange is needed from here on: free it before the session idles
+        // for hours (the startup packet and its parsed names are a few hundred bytes a session).
+        drop((answer, first, parsed, backend));
+        session(client, backend_stream, slot, port, ctx).await;
     }
     .instrument(span)
     .await
@@ -335,26 +348,14 @@ pub async fn refuse_over_limit(
 }
 
 async fn session(
-    mut client: TcpStream,
+    client: TcpStream,
     backend_stream: TcpStream,
-    answer: Vec<u8>,
-    parsed: &FirstPacket,
     slot: SessionSlot,
     port: PortRole,
     ctx: SessionContext,
 ) {
     let backend = slot.backend().clone();
     let counters = backend.counters(port);
-    debug!(first_packet = parsed.kind(), "session started");
-    // The backend's first answer, read while connecting, goes out first.
-    if let Err(e) = client.write_all(&answer).await {
-        debug!(error = %e, "session ended by client error");
-        return;
-    }
-    counters
-        .bytes_out
-        .fetch_add(answer.len() as u64, Ordering::Relaxed);
-    drop(answer);
 
     let mut routing = ctx.cluster.subscribe();
     let name = backend.name.clone();
@@ -376,21 +377,18 @@ async fn session(
     };
     drop(cfg);
     let activity = Activity::new();
-    let idle = async {
-        if idle_timeout.is_zero() {
-            return std::future::pending().await;
-        }
-        loop {
-            let quiet = activity.quiet_for();
-            if quiet >= idle_timeout {
-                return quiet;
-            }
-            tokio::time::sleep(idle_timeout - quiet).await;
+    // The idle timer lives on the heap, and only where a timeout is set: inline, its state would
+    // cost every session ~150 bytes for a future that never runs on ports without one.
+    let mut idle = (!idle_timeout.is_zero()).then(|| Box::pin(idle_timer(&activity, idle_timeout)));
+    let idle_fired = async {
+        match idle.as_mut() {
+            Some(timer) => timer.await,
+            None => std::future::pending().await,
         }
     };
     let result = tokio::select! {
         r = splice(&client, &backend_stream, &counters.bytes_in, &counters.bytes_out, (!idle_timeout.is_zero()).then_some(&activity)) => r,
-        quiet = idle => {
+        quiet = idle_fired => {
             m::session_cut(port, "idle_timeout");
             info!(reason = "idle_timeout", quiet = ?quiet, "closing session: idle");
             return;
@@ -415,6 +413,17 @@ async fn session(
         Ok(()) => debug!("session ended"),
         Err(SpliceError::Client(e)) => debug!(error = %e, "session ended by client error"),
         Err(SpliceError::Backend(e)) => warn!(error = %e, "session ended by backend error"),
+    }
+}
+
+/// Resolves once the session has moved no byte for `timeout`, with how long it was quiet.
+async fn idle_timer(activity: &Activity, timeout: Duration) -> Duration {
+    loop {
+        let quiet = activity.quiet_for();
+        if quiet >= timeout {
+            return quiet;
+        }
+        tokio::time::sleep(timeout - quiet).await;
     }
 }
 
