@@ -395,13 +395,19 @@ impl Validator<'_> {
                     ))
                 }
             },
-            (None, e, f) => {
-                let (span, key) = match (e, f) {
-                    (Some(e), _) => (e, "stats.read_password_env"),
-                    (None, Some(f)) => (f, "stats.read_password_file"),
-                    (None, None) => unreachable!("matched (None, None, None) above"),
-                };
-                return Err(self.invalid(span, key, "a read password needs read_user"));
+            (None, Some(e), _) => {
+                return Err(self.invalid(
+                    e,
+                    "stats.read_password_env",
+                    "a read password needs read_user",
+                ))
+            }
+            (None, None, Some(f)) => {
+                return Err(self.invalid(
+                    f,
+                    "stats.read_password_file",
+                    "a read password needs read_user",
+                ))
             }
         };
         let (read_token, _) =
