@@ -18,7 +18,8 @@ use crate::backend::PortRole;
 use crate::config::Config;
 use crate::http::{ReloadStatus, StatsContext};
 use crate::proxy::client::SessionContext;
-use crate::proxy::listener;
+use crate::proxy::listener::{self, PortLoad};
+use crate::proxy::workers::{PortGroup, Workers};
 use crate::reload::{self, Outcome};
 use crate::routing::Cluster;
 
@@ -47,11 +48,53 @@ fn prometheus() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// One running listener and the token that stops it alone (for rebinding on reload).
+/// One port's listeners (one per worker thread) and the token that stops them alone (for
+/// rebinding on reload).
 struct PortListener {
     addr: SocketAddr,
     local: SocketAddr,
     stop: CancellationToken,
+    load: Arc<PortLoad>,
+}
+
+/// Binds `addr` on every worker thread and starts accepting there. Returns the bound address
+/// (the port chosen when `addr` asks for port 0).
+fn start_port(
+    workers: &Workers,
+    addr: SocketAddr,
+    role: PortRole,
+    ctx: &SessionContext,
+    stop: &CancellationToken,
+    sessions: &TaskTracker,
+    load: &Arc<PortLoad>,
+) -> std::io::Result<SocketAddr> {
+    let group = workers.bind(addr)?;
+    Ok(serve_port(group, role, ctx, stop, sessions, load))
+}
+
+/// Starts accepting on a port's listeners, each on its own worker thread.
+fn serve_port(
+    group: PortGroup,
+    role: PortRole,
+    ctx: &SessionContext,
+    stop: &CancellationToken,
+    sessions: &TaskTracker,
+    load: &Arc<PortLoad>,
+) -> SocketAddr {
+    let threads = group.listeners.len();
+    let local = group.local;
+    for (handle, l) in group.listeners {
+        handle.spawn(listener::serve(
+            l,
+            role,
+            ctx.clone(),
+            stop.clone(),
+            sessions.clone(),
+            load.clone(),
+        ));
+    }
+    info!(port = role.as_str(), addr = %local, threads, "listening");
+    local
 }
 
 /// A running balancer.
@@ -74,14 +117,19 @@ impl Balancer {
         let prometheus = prometheus();
         let path = config.path.clone();
 
-        let write = listener::bind(config.listen.write)
+        let threads = match config.proxy.threads {
+            0 => Workers::default_count(),
+            n => n,
+        };
+        let workers = Arc::new(Workers::start(threads).context("start worker threads")?);
+        let write = workers
+            .bind(config.listen.write)
             .with_context(|| format!("bind write port {}", config.listen.write))?;
-        let read = listener::bind(config.listen.read)
+        let read = workers
+            .bind(config.listen.read)
             .with_context(|| format!("bind read port {}", config.listen.read))?;
         let stats = listener::bind(config.listen.stats)
             .with_context(|| format!("bind stats port {}", config.listen.stats))?;
-        let write_addr = write.local_addr()?;
-        let read_addr = read.local_addr()?;
         let stats_addr = stats.local_addr()?;
 
         let cluster = Cluster::start(config.clone(), shutdown.clone(), background.clone());
@@ -90,20 +138,22 @@ impl Balancer {
             hard_stop: hard_stop.clone(),
         };
         let mut ports = Vec::new();
-        for (l, role, addr, local) in [
-            (write, PortRole::Write, config.listen.write, write_addr),
-            (read, PortRole::Read, config.listen.read, read_addr),
+        for (group, role, addr) in [
+            (write, PortRole::Write, config.listen.write),
+            (read, PortRole::Read, config.listen.read),
         ] {
             let stop = shutdown.child_token();
-            tokio::spawn(listener::serve(
-                l,
-                role,
-                ctx.clone(),
-                stop.clone(),
-                sessions.clone(),
-            ));
-            ports.push(PortListener { addr, local, stop });
+            let load = Arc::new(PortLoad::default());
+            let local = serve_port(group, role, &ctx, &stop, &sessions, &load);
+            ports.push(PortListener {
+                addr,
+                local,
+                stop,
+                load,
+            });
         }
+        let write_addr = ports[0].local;
+        let read_addr = ports[1].local;
 
         let reload_status = Arc::new(Mutex::new(ReloadStatus {
             result: "initial".into(),
@@ -146,6 +196,7 @@ impl Balancer {
             sessions.clone(),
             shutdown.clone(),
             watcher,
+            workers.clone(),
         ));
 
         let done = tokio::spawn(drain(
@@ -154,6 +205,7 @@ impl Balancer {
             hard_stop,
             sessions,
             background,
+            workers,
         ));
         info!(
             write = %write_addr,
@@ -191,6 +243,7 @@ async fn drain(
     hard_stop: CancellationToken,
     sessions: TaskTracker,
     background: TaskTracker,
+    workers: Arc<Workers>,
 ) {
     shutdown.cancelled().await;
     sessions.close();
@@ -216,6 +269,8 @@ async fn drain(
         sessions.wait().await;
     }
     background.wait().await;
+    // Every session has ended: the worker threads can go.
+    drop(workers);
     info!("pglb stopped");
 }
 
@@ -230,6 +285,7 @@ async fn reload_loop(
     sessions: TaskTracker,
     shutdown: CancellationToken,
     _watcher: Option<notify::RecommendedWatcher>,
+    workers: Arc<Workers>,
 ) {
     loop {
         let more = tokio::select! {
@@ -274,18 +330,11 @@ async fn reload_loop(
                     if want == p.addr {
                         continue;
                     }
-                    match listener::bind(want) {
-                        Ok(l) => {
+                    let stop = shutdown.child_token();
+                    match start_port(&workers, want, role, &ctx, &stop, &sessions, &p.load) {
+                        Ok(local) => {
                             p.stop.cancel();
-                            let stop = shutdown.child_token();
-                            p.local = l.local_addr().unwrap_or(want);
-                            tokio::spawn(listener::serve(
-                                l,
-                                role,
-                                ctx.clone(),
-                                stop.clone(),
-                                sessions.clone(),
-                            ));
+                            p.local = local;
                             info!(port = role.as_str(), from = %p.addr, to = %want, "listener rebound");
                             p.addr = want;
                             p.stop = stop;
@@ -303,6 +352,14 @@ async fn reload_loop(
                 if new.listen.stats != current.listen.stats {
                     warn!("listen.stats changes need a restart; keeping the old stats address");
                     new.listen.stats = current.listen.stats;
+                }
+                if new.proxy.threads != current.proxy.threads {
+                    warn!(
+                        running = current.proxy.threads,
+                        asked = new.proxy.threads,
+                        "proxy.threads changes need a restart; keeping the running threads"
+                    );
+                    new.proxy.threads = current.proxy.threads;
                 }
                 let diff = cluster.apply(new);
                 info!(

@@ -71,7 +71,12 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(args.log_format);
-    let rt = match tokio::runtime::Runtime::new() {
+    // The control runtime: health checks, the stats server, reloads, signals. Sessions run on
+    // their own threads (pglb::proxy::workers), so this one needs a single thread.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pglb: cannot start runtime: {e}");

@@ -231,6 +231,9 @@ pub struct FileProxy {
     pub tcp_keepalive: Duration,
     #[serde(default = "default_user_timeout", with = "humantime_serde")]
     pub tcp_user_timeout: Duration,
+    /// Threads that carry sessions; 0 = one per CPU. Read at start only.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 impl Default for FileProxy {
@@ -248,6 +251,7 @@ impl Default for FileProxy {
             read_idle_timeout: Duration::ZERO,
             tcp_keepalive: default_keepalive(),
             tcp_user_timeout: default_user_timeout(),
+            threads: 0,
         }
     }
 }

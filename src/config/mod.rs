@@ -147,6 +147,8 @@ pub struct ProxyConfig {
     pub read_idle_timeout: Duration,
     pub tcp_keepalive: Duration,
     pub tcp_user_timeout: Duration,
+    /// Worker threads carrying sessions; 0 = one per CPU. A change needs a restart.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -444,6 +446,7 @@ impl Validator<'_> {
                 read_idle_timeout: raw.proxy.read_idle_timeout,
                 tcp_keepalive: raw.proxy.tcp_keepalive,
                 tcp_user_timeout: raw.proxy.tcp_user_timeout,
+                threads: raw.proxy.threads,
             },
             stats: StatsConfig {
                 admin_token,
@@ -557,6 +560,7 @@ impl Config {
         let _ = writeln!(s, "close_on_writer_change = {}", p.close_on_writer_change);
         let _ = writeln!(s, "tcp_keepalive = \"{}\"", h(p.tcp_keepalive));
         let _ = writeln!(s, "tcp_user_timeout = \"{}\"", h(p.tcp_user_timeout));
+        let _ = writeln!(s, "threads = {}", p.threads);
         let _ = writeln!(s, "\n[stats]");
         let _ = writeln!(
             s,

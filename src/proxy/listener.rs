@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::client::{handle, refuse_over_limit, SessionContext};
 use crate::backend::net::SocketTuning;
@@ -28,30 +28,51 @@ impl Drop for OpenGuard {
 
 /// Binds a listening socket with SO_REUSEADDR, so a restarted pglb can bind at once.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::from_std(bind_socket(addr, false)?.into())
+}
+
+/// A bound, listening, non-blocking socket. With `reuseport`, other sockets of this process
+/// (one per worker thread) can listen on the same port and the kernel spreads connections
+/// over them; a port held by a program without `SO_REUSEPORT` still fails with "in use".
+pub fn bind_socket(addr: SocketAddr, reuseport: bool) -> std::io::Result<socket2::Socket> {
     let domain = socket2::Domain::for_address(addr);
     let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
+    if reuseport {
+        sock.set_reuse_port(true)?;
+    }
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
-    TcpListener::from_std(sock.into())
+    Ok(sock)
 }
 
-/// Accepts on `listener` until `stop` is cancelled; sessions go on `sessions`.
+/// What the listeners of one port (one per worker thread) share: the port's open-connection
+/// count, checked against `maxconn`, and how many over-limit clients are being answered.
+#[derive(Default)]
+pub struct PortLoad {
+    open: Arc<AtomicU64>,
+    refusing: Arc<AtomicU64>,
+}
+
+/// Accepts on `listener` until `stop` is cancelled; sessions go on `sessions`, on the runtime
+/// this runs on.
 pub async fn serve(
     listener: TcpListener,
     port: PortRole,
     ctx: SessionContext,
     stop: CancellationToken,
     sessions: TaskTracker,
+    load: Arc<PortLoad>,
 ) {
     let local = listener.local_addr().ok();
-    info!(port = port.as_str(), addr = ?local, "listening");
+    tracing::debug!(port = port.as_str(), addr = ?local, "accepting");
     let mut last_error_log: Option<Instant> = None;
-    let open = Arc::new(AtomicU64::new(0));
+    let open = load.open.clone();
     // Over-limit clients get a proper error, but only so many at once: past this, a flood of
     // them is just closed.
-    let refusing = Arc::new(AtomicU64::new(0));
+    let refusing = load.refusing.clone();
     let mut last_limit_log: Option<Instant> = None;
     let mut tuned: Option<SocketTuning> = None;
     loop {
@@ -115,5 +136,5 @@ pub async fn serve(
             }
         }
     }
-    info!(port = port.as_str(), "stopped accepting");
+    tracing::debug!(port = port.as_str(), addr = ?local, "stopped accepting");
 }
