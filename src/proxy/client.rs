@@ -80,97 +80,129 @@ pub struct SessionContext {
     pub hard_stop: CancellationToken,
 }
 
+/// A client's whole life: the first exchange, then the session.
 pub async fn handle(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     port: PortRole,
     ctx: SessionContext,
     id: u64,
 ) {
     let span = tracing::info_span!("conn", id, %peer, port = port.as_str(), backend = tracing::field::Empty);
-    async move {
-        let cfg = ctx.cluster.config();
-        // The client socket has its options from the listener (proxy::listener).
-        let tuning = SocketTuning::from(&cfg.proxy);
-        let startup_timeout = cfg.proxy.client_startup_timeout;
-        let (first, parsed) = match read_first(&mut client, startup_timeout).await {
-            Ok(p) => p,
-            Err(FirstPacketError::Closed) => {
-                // A TCP health probe or a port scan: expected noise.
-                debug!("client closed before sending a startup packet");
-                return;
-            }
-            Err(e @ FirstPacketError::Timeout(_)) => {
-                m::client_rejected(port, "startup_timeout");
-                warn!(reason = %e, "closing client: startup timeout");
-                return;
-            }
-            Err(FirstPacketError::Invalid(e)) => {
-                m::client_rejected(port, e.kind());
-                warn!(reason = %e, "closing client: invalid startup packet");
-                let code = match e {
-                    PacketError::UnsupportedProtocol { .. } => sqlstate::FEATURE_NOT_SUPPORTED,
-                    _ => sqlstate::PROTOCOL_VIOLATION,
-                };
-                send_fatal(&mut client, code, &format!("pglb: {e}")).await;
-                return;
-            }
-            Err(e @ FirstPacketError::Io(_)) => {
-                debug!(reason = %e, "client error before startup");
-                return;
-            }
-        };
-
-        if let FirstPacket::CancelRequest { pid, key } = parsed {
-            forward_cancel(&ctx.cluster, pid, key, cfg.proxy.connect_timeout).await;
-            return;
-        }
-
-        let (slot, backend_stream, answer) = match choose(&ctx, port, &cfg, &first).await {
-            Choice::Connected(slot, stream, answer) => (slot, stream, answer),
-            Choice::NoBackend => {
-                let message = match port {
-                    PortRole::Write => "pglb: no primary is available for writes",
-                    PortRole::Read => "pglb: no replica is available for reads",
-                };
-                m::client_rejected(port, "no_backend");
-                warn!(first_packet = parsed.kind(), "no backend for this port: {message}");
-                refuse(&mut client, &parsed, sqlstate::CANNOT_CONNECT_NOW, message, startup_timeout).await;
-                return;
-            }
-            Choice::Full { backend, maxconn } => {
-                let message = format!(
-                    "pglb: too many connections: backend {backend} is at its maxconn ({maxconn}) and no session ended within queue_timeout ({:?})",
-                    cfg.proxy.queue_timeout
-                );
-                m::client_rejected(port, "queue_timeout");
-                warn!(%backend, maxconn, "queue timeout: refusing client");
-                refuse(&mut client, &parsed, sqlstate::TOO_MANY_CONNECTIONS, &message, startup_timeout).await;
-                return;
-            }
-        };
-        let backend = slot.backend().clone();
-        tracing::Span::current().record("backend", backend.name.as_str());
-        if let Err(e) = tuning.apply(&backend_stream) {
-            debug!(error = %e, "cannot tune backend socket");
-        }
-        // The backend's first answer, read while connecting, goes out first.
-        if let Err(e) = client.write_all(&answer).await {
-            debug!(error = %e, "session ended by client error");
-            return;
-        }
-        backend
-            .counters(port)
-            .bytes_out
-            .fetch_add(answer.len() as u64, Ordering::Relaxed);
-        debug!(first_packet = parsed.kind(), "session started");
-        // Nothing of the first exchange is needed from here on: free it before the session idles
-        // for hours (the startup packet and its parsed names are a few hundred bytes a session).
-        drop((answer, first, parsed, backend));
-        session(client, backend_stream, slot, port, ctx).await;
+    // The first exchange (reading the startup packet, connecting a backend, refusing) has the
+    // biggest state a session passes through and the shortest-lived: it runs on the heap, so the
+    // task that stays behind for the session's life is sized by the splice alone.
+    let started = Box::pin(start(client, port, ctx.clone()).instrument(span.clone())).await;
+    if let Some((client, backend, slot)) = started {
+        session(client, backend, slot, port, ctx)
+            .instrument(span)
+            .await;
     }
-    .instrument(span)
-    .await
+}
+
+/// Reads the first packet, routes it and connects a backend that answered. `None` when the
+/// client was answered here (cancel forwarded, refused, gone).
+async fn start(
+    mut client: TcpStream,
+    port: PortRole,
+    ctx: SessionContext,
+) -> Option<(TcpStream, TcpStream, SessionSlot)> {
+    let cfg = ctx.cluster.config();
+    // The client socket has its options from the listener (proxy::listener).
+    let tuning = SocketTuning::from(&cfg.proxy);
+    let startup_timeout = cfg.proxy.client_startup_timeout;
+    let (first, parsed) = match read_first(&mut client, startup_timeout).await {
+        Ok(p) => p,
+        Err(FirstPacketError::Closed) => {
+            // A TCP health probe or a port scan: expected noise.
+            debug!("client closed before sending a startup packet");
+            return None;
+        }
+        Err(e @ FirstPacketError::Timeout(_)) => {
+            m::client_rejected(port, "startup_timeout");
+            warn!(reason = %e, "closing client: startup timeout");
+            return None;
+        }
+        Err(FirstPacketError::Invalid(e)) => {
+            m::client_rejected(port, e.kind());
+            warn!(reason = %e, "closing client: invalid startup packet");
+            let code = match e {
+                PacketError::UnsupportedProtocol { .. } => sqlstate::FEATURE_NOT_SUPPORTED,
+                _ => sqlstate::PROTOCOL_VIOLATION,
+            };
+            send_fatal(&mut client, code, &format!("pglb: {e}")).await;
+            return None;
+        }
+        Err(e @ FirstPacketError::Io(_)) => {
+            debug!(reason = %e, "client error before startup");
+            return None;
+        }
+    };
+
+    if let FirstPacket::CancelRequest { pid, key } = parsed {
+        forward_cancel(&ctx.cluster, pid, key, cfg.proxy.connect_timeout).await;
+        return None;
+    }
+
+    let (slot, backend_stream, answer) = match choose(&ctx, port, &cfg, &first).await {
+        Choice::Connected(slot, stream, answer) => (slot, stream, answer),
+        Choice::NoBackend => {
+            let message = match port {
+                PortRole::Write => "pglb: no primary is available for writes",
+                PortRole::Read => "pglb: no replica is available for reads",
+            };
+            m::client_rejected(port, "no_backend");
+            warn!(
+                first_packet = parsed.kind(),
+                "no backend for this port: {message}"
+            );
+            refuse(
+                &mut client,
+                &parsed,
+                sqlstate::CANNOT_CONNECT_NOW,
+                message,
+                startup_timeout,
+            )
+            .await;
+            return None;
+        }
+        Choice::Full { backend, maxconn } => {
+            let message = format!(
+                "pglb: too many connections: backend {backend} is at its maxconn ({maxconn}) and no session ended within queue_timeout ({:?})",
+                cfg.proxy.queue_timeout
+            );
+            m::client_rejected(port, "queue_timeout");
+            warn!(%backend, maxconn, "queue timeout: refusing client");
+            refuse(
+                &mut client,
+                &parsed,
+                sqlstate::TOO_MANY_CONNECTIONS,
+                &message,
+                startup_timeout,
+            )
+            .await;
+            return None;
+        }
+    };
+    let backend = slot.backend().clone();
+    tracing::Span::current().record("backend", backend.name.as_str());
+    if let Err(e) = tuning.apply(&backend_stream) {
+        debug!(error = %e, "cannot tune backend socket");
+    }
+    // The backend's first answer, read while connecting, goes out first.
+    if let Err(e) = client.write_all(&answer).await {
+        debug!(error = %e, "session ended by client error");
+        return None;
+    }
+    backend
+        .counters(port)
+        .bytes_out
+        .fetch_add(answer.len() as u64, Ordering::Relaxed);
+    debug!(first_packet = parsed.kind(), "session started");
+    // Nothing of the first exchange is needed from here on: free it before the session idles
+    // for hours (the startup packet and its parsed names are a few hundred bytes a session).
+    drop((answer, first, parsed, backend));
+    Some((client, backend_stream, slot))
 }
 
 /// No backend: answer like a PostgreSQL server would, so psql prints the reason.
@@ -451,4 +483,29 @@ async fn forward_cancel(cluster: &Cluster, pid: u32, key: u32, timeout: Duration
     });
     futures_util::future::join_all(sends).await;
     info!(pid, "cancel request forwarded");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future an `async fn` returns, without calling it.
+    fn future_size<F, A, B, C, D, E, Fut>(_: &F) -> usize
+    where
+        F: FnOnce(A, B, C, D, E) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// An idle session's memory is mostly its task: keep the states that last (the splice) small
+    /// and the ones that do not (connecting a backend) on the heap.
+    #[test]
+    fn the_session_task_stays_small() {
+        let size = future_size(&handle);
+        eprintln!(
+            "handle future: {size} bytes, session: {}",
+            future_size(&session)
+        );
+        assert!(size <= 1200, "the session task grew to {size} bytes");
+    }
 }
