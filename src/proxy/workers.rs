@@ -38,8 +38,10 @@ impl Workers {
         let mut handles = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         for i in 0..count {
+            // Sockets and timers only: signals and child processes are the control runtime's.
             let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
+                .enable_time()
                 .build()?;
             handles.push(rt.handle().clone());
             let stop = stop.clone();
