@@ -1,0 +1,187 @@
+//! Worker threads and the listening sockets they share:
+//!
+//! - `[proxy] threads` starts that many worker threads, sessions run on them on both ports, and a
+//!   reload that changes the count is reported and leaves the running threads alone;
+//! - two pglb processes on the same ports (`SO_REUSEPORT`, the binary-upgrade procedure in
+//!   docs/operations.md) both serve, and when the first one is stopped the port goes on serving.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+/// Names of the process's threads that carry sessions.
+fn worker_threads(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+                .map(|c| c.trim().to_string())
+                .filter(|c| c.starts_with("pglb-worker-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Opens `n` sessions at once through `addr`, runs a few queries on each, returns the sessions.
+async fn sessions_through(addr: SocketAddr, n: usize) -> Vec<tokio_postgres::Client> {
+    let opened = futures_util::future::join_all((0..n).map(|_| async move {
+        let c = connect_ok(addr).await;
+        for i in 0..5 {
+            assert_eq!(scalar_ok(&c, &format!("SELECT {i}")).await, i.to_string());
+        }
+        c
+    }))
+    .await;
+    assert_eq!(opened.len(), n);
+    opened
+}
+
+fn sessions_active(stats: &Stats) -> i64 {
+    stats.backends.iter().map(|b| b.sessions_active).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_run_on_the_configured_threads_and_a_reload_keeps_the_count() {
+    let cluster = PgCluster::start(1);
+    let lb = Pglb::builder(&cluster).set("proxy", "threads", 3).start();
+    lb.wait_ready().await;
+    assert_eq!(
+        worker_threads(lb.pid()),
+        ["pglb-worker-0", "pglb-worker-1", "pglb-worker-2"]
+    );
+
+    let writers = sessions_through(lb.write, 12).await;
+    let readers = sessions_through(lb.read, 12).await;
+    lb.wait_stats(T, "24 sessions active", |s| sessions_active(s) == 24)
+        .await;
+
+    // Fewer threads asked for in a reload: reported, and the running three stay.
+    let text = std::fs::read_to_string(lb.config_path()).unwrap();
+    assert!(text.contains("threads = 3"), "{text}");
+    let rewritten = text.replace("threads = 3", "threads = 1");
+    let tmp = lb.config_path().with_extension("tmp");
+    std::fs::write(&tmp, rewritten).unwrap();
+    std::fs::rename(&tmp, lb.config_path()).unwrap();
+    lb.wait_log(T, "proxy.threads changes need a restart").await;
+    assert_eq!(worker_threads(lb.pid()).len(), 3);
+
+    // Every session opened before the reload still answers, and new ones open.
+    for c in writers.iter().chain(readers.iter()) {
+        assert_eq!(scalar_ok(c, "SELECT 'still'").await, "still");
+    }
+    let more = sessions_through(lb.write, 4).await;
+    drop((writers, readers, more));
+    lb.wait_stats(T, "no session left", |s| sessions_active(s) == 0)
+        .await;
+}
+
+/// A pglb started by hand on another instance's ports (its stats port of its own).
+struct Second {
+    child: Option<Child>,
+    stats: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Second {
+    fn start(cluster: &PgCluster, write: SocketAddr, read: SocketAddr) -> Second {
+        let dir = tempfile::Builder::new()
+            .prefix("pglb-second-")
+            .tempdir()
+            .unwrap();
+        let stats = free_addr();
+        let config = dir.path().join("lb.toml");
+        std::fs::write(&config, Pglb::builder(cluster).render(write, read, stats)).unwrap();
+        let log = std::fs::File::create(dir.path().join("pglb.log")).unwrap();
+        let child = Command::new(pglb_bin())
+            .arg("--config")
+            .arg(&config)
+            .env("PGLB_CHECK_PASSWORD", CHECK_PASSWORD)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn the second pglb");
+        Second {
+            child: Some(child),
+            stats,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("pglb.log")).unwrap_or_default()
+    }
+
+    fn stats(&self) -> Option<Stats> {
+        let (status, body) = http_get(self.stats, "/stats.json").ok()?;
+        if status != 200 {
+            return None;
+        }
+        let mut s: Stats = serde_json::from_str(&body).ok()?;
+        s.raw = body;
+        Some(s)
+    }
+}
+
+impl Drop for Second {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- second pglb log\n{}", self.log());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_pglb_on_the_same_ports_shares_them_and_serves_alone_once_the_first_stops() {
+    let cluster = PgCluster::start(1);
+    let mut first = Pglb::start(&cluster).await;
+    let second = Second::start(&cluster, first.write, first.read);
+    wait_until(T, "second pglb knows the primary", || {
+        second.stats().is_some_and(|s| s.primary.is_some())
+    })
+    .await;
+
+    // The kernel spreads new connections over all four listening sockets of the write port.
+    let held = sessions_through(first.write, 16).await;
+    let mut split = (0, 0);
+    wait_until(T, "16 sessions over both processes", || {
+        let a = first.stats().map(|s| sessions_active(&s)).unwrap_or(-1);
+        let b = second.stats().map(|s| sessions_active(&s)).unwrap_or(-1);
+        split = (a, b);
+        a + b == 16
+    })
+    .await;
+    assert!(
+        split.0 > 0 && split.1 > 0,
+        "both processes serve the shared port: {split:?}"
+    );
+    drop(held);
+    wait_until(T, "sessions closed", || {
+        first.stats().is_ok_and(|s| sessions_active(&s) == 0)
+            && second.stats().is_some_and(|s| sessions_active(&s) == 0)
+    })
+    .await;
+
+    // The first one stops; the port keeps serving through the second.
+    first.signal(libc::SIGTERM);
+    let status = first.wait_exit(T).await.expect("first pglb exits");
+    assert!(status.success(), "{status:?}");
+    let after = sessions_through(first.write, 8).await;
+    let reads = sessions_through(first.read, 8).await;
+    let s = second.stats().expect("second pglb's stats");
+    assert_eq!(sessions_active(&s), 16, "{}", s.raw);
+    drop((after, reads));
+}
