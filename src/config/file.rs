@@ -232,8 +232,8 @@ pub struct FileProxy {
     #[serde(default = "default_user_timeout", with = "humantime_serde")]
     pub tcp_user_timeout: Duration,
     /// Threads that carry sessions; 0 = one per CPU. Read at start only.
-    #[serde(default)]
-    pub threads: usize,
+    #[serde(default = "default_threads")]
+    pub threads: Spanned<usize>,
 }
 
 impl Default for FileProxy {
@@ -251,7 +251,7 @@ impl Default for FileProxy {
             read_idle_timeout: Duration::ZERO,
             tcp_keepalive: default_keepalive(),
             tcp_user_timeout: default_user_timeout(),
-            threads: 0,
+            threads: default_threads(),
         }
     }
 }
@@ -264,6 +264,9 @@ fn default_startup_timeout() -> Duration {
 }
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_threads() -> Spanned<usize> {
+    Spanned::new(0..0, 0)
 }
 fn default_maxconn() -> u64 {
     10_000

@@ -197,6 +197,10 @@ impl Config {
     }
 }
 
+/// Most worker threads `[proxy] threads` may ask for: each holds a listening socket per port and a
+/// runtime, and more threads than CPUs only adds switching.
+const MAX_THREADS: usize = 1024;
+
 struct Validator<'a> {
     path: &'a Path,
     src: &'a str,
@@ -292,6 +296,13 @@ impl Validator<'_> {
             if *v.get_ref() == 0 {
                 return Err(self.invalid(v, key, "must be at least 1"));
             }
+        }
+        if *raw.proxy.threads.get_ref() > MAX_THREADS {
+            return Err(self.invalid(
+                &raw.proxy.threads,
+                "proxy.threads",
+                format!("must be at most {MAX_THREADS} (0 = one per CPU)"),
+            ));
         }
         let (password, password_source) =
             self.secret(&c.password_env, &c.password_file, "check.password")?;
@@ -446,7 +457,7 @@ impl Validator<'_> {
                 read_idle_timeout: raw.proxy.read_idle_timeout,
                 tcp_keepalive: raw.proxy.tcp_keepalive,
                 tcp_user_timeout: raw.proxy.tcp_user_timeout,
-                threads: raw.proxy.threads,
+                threads: *raw.proxy.threads.get_ref(),
             },
             stats: StatsConfig {
                 admin_token,
@@ -629,6 +640,21 @@ address = "127.0.0.1:5432"
         assert_eq!(c.listen.write.port(), 5435);
         assert_eq!(c.listen.read.port(), 5436);
         assert_eq!(c.listen.stats.port(), 8404);
+    }
+
+    #[test]
+    fn threads_default_to_zero_and_too_many_are_refused_at_their_line() {
+        assert_eq!(parse(MIN).unwrap().proxy.threads, 0);
+        let c = parse(&format!("{MIN}\n[proxy]\nthreads = 3\n")).unwrap();
+        assert_eq!(c.proxy.threads, 3);
+        let src = format!("{MIN}\n[proxy]\nthreads = 5000\n");
+        let line = src.lines().position(|l| l.starts_with("threads")).unwrap() + 1;
+        let e = parse(&src).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("lb.toml:{line}:")), "{e}");
+        assert!(
+            e.contains("proxy.threads") && e.contains("at most 1024"),
+            "{e}"
+        );
     }
 
     #[test]
