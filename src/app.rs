@@ -52,24 +52,8 @@ fn prometheus() -> Option<PrometheusHandle> {
 /// rebinding on reload).
 struct PortListener {
     addr: SocketAddr,
-    local: SocketAddr,
     stop: CancellationToken,
     load: Arc<PortLoad>,
-}
-
-/// Binds `addr` on every worker thread and starts accepting there. Returns the bound address
-/// (the port chosen when `addr` asks for port 0).
-fn start_port(
-    workers: &Workers,
-    addr: SocketAddr,
-    role: PortRole,
-    ctx: &SessionContext,
-    stop: &CancellationToken,
-    sessions: &TaskTracker,
-    load: &Arc<PortLoad>,
-) -> std::io::Result<SocketAddr> {
-    let group = workers.bind(addr)?;
-    Ok(serve_port(group, role, ctx, stop, sessions, load))
 }
 
 /// Starts accepting on a port's listeners, each on its own worker thread.
@@ -80,7 +64,7 @@ fn serve_port(
     stop: &CancellationToken,
     sessions: &TaskTracker,
     load: &Arc<PortLoad>,
-) -> SocketAddr {
+) {
     let threads = group.listeners.len();
     let local = group.local;
     for (handle, l) in group.listeners {
@@ -94,7 +78,6 @@ fn serve_port(
         ));
     }
     info!(port = role.as_str(), addr = %local, threads, "listening");
-    local
 }
 
 /// A running balancer.
@@ -117,11 +100,8 @@ impl Balancer {
         let prometheus = prometheus();
         let path = config.path.clone();
 
-        let threads = match config.proxy.threads {
-            0 => Workers::default_count(),
-            n => n,
-        };
-        let workers = Arc::new(Workers::start(threads).context("start worker threads")?);
+        let workers =
+            Arc::new(Workers::start(config.proxy.threads).context("start worker threads")?);
         let write = workers
             .bind(config.listen.write)
             .with_context(|| format!("bind write port {}", config.listen.write))?;
@@ -130,6 +110,7 @@ impl Balancer {
             .with_context(|| format!("bind read port {}", config.listen.read))?;
         let stats = listener::bind(config.listen.stats)
             .with_context(|| format!("bind stats port {}", config.listen.stats))?;
+        let (write_addr, read_addr) = (write.local, read.local);
         let stats_addr = stats.local_addr()?;
 
         let cluster = Cluster::start(config.clone(), shutdown.clone(), background.clone());
@@ -144,16 +125,9 @@ impl Balancer {
         ] {
             let stop = shutdown.child_token();
             let load = Arc::new(PortLoad::default());
-            let local = serve_port(group, role, &ctx, &stop, &sessions, &load);
-            ports.push(PortListener {
-                addr,
-                local,
-                stop,
-                load,
-            });
+            serve_port(group, role, &ctx, &stop, &sessions, &load);
+            ports.push(PortListener { addr, stop, load });
         }
-        let write_addr = ports[0].local;
-        let read_addr = ports[1].local;
 
         let reload_status = Arc::new(Mutex::new(ReloadStatus {
             result: "initial".into(),
@@ -330,11 +304,11 @@ async fn reload_loop(
                     if want == p.addr {
                         continue;
                     }
-                    let stop = shutdown.child_token();
-                    match start_port(&workers, want, role, &ctx, &stop, &sessions, &p.load) {
-                        Ok(local) => {
+                    match workers.bind(want) {
+                        Ok(group) => {
+                            let stop = shutdown.child_token();
+                            serve_port(group, role, &ctx, &stop, &sessions, &p.load);
                             p.stop.cancel();
-                            p.local = local;
                             info!(port = role.as_str(), from = %p.addr, to = %want, "listener rebound");
                             p.addr = want;
                             p.stop = stop;

@@ -9,8 +9,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -78,80 +77,6 @@ async fn read_session_on(read: SocketAddr, port: u16) -> tokio_postgres::Client 
 // 1. Kubernetes ConfigMap symlink swap
 // ---------------------------------------------------------------------------------------------
 
-/// pglb spawned directly, because the harness's `Pglb` always runs on its own config file and
-/// this test needs pglb started on a ConfigMap-style symlink. Stopped by PID on drop.
-struct SpawnedLb {
-    child: Option<Child>,
-    stats: SocketAddr,
-    log: PathBuf,
-}
-
-impl SpawnedLb {
-    fn spawn(config: &Path, stats: SocketAddr, log: PathBuf) -> SpawnedLb {
-        let log_file = fs::File::create(&log).expect("create pglb log");
-        let child = Command::new(pglb_bin())
-            .arg("--config")
-            .arg(config)
-            .env("PGLB_CHECK_PASSWORD", CHECK_PASSWORD)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn pglb");
-        SpawnedLb {
-            child: Some(child),
-            stats,
-            log,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stats(&self) -> Option<Stats> {
-        let (code, body) = http_get(self.stats, "/stats.json").ok()?;
-        if code != 200 {
-            return None;
-        }
-        let mut s: Stats = serde_json::from_str(&body).ok()?;
-        s.raw = body;
-        Some(s)
-    }
-
-    async fn wait_stats<F: FnMut(&Stats) -> bool>(
-        &self,
-        timeout: Duration,
-        what: &str,
-        mut pred: F,
-    ) -> Stats {
-        wait_for(timeout, what, || self.stats().filter(|s| pred(s))).await
-    }
-}
-
-impl Drop for SpawnedLb {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // SAFETY: kill(2) on the PID of the child this test spawned.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait().ok().flatten().is_none() {
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if std::thread::panicking() {
-            eprintln!("--- pglb log\n{}", self.log_text());
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn configmap_symlink_swap_is_applied() {
     use std::os::unix::fs::symlink;
@@ -180,7 +105,7 @@ async fn configmap_symlink_swap_is_applied() {
     symlink("..data/lb.toml", volume.join("lb.toml")).unwrap();
     let link = volume.join("lb.toml");
 
-    let lb = SpawnedLb::spawn(&link, stats, dir.path().join("pglb.log"));
+    let lb = SpawnedPglb::spawn(&link, stats, dir.path().join("pglb.log"));
     lb.wait_stats(Duration::from_secs(30), "pg-1 up with weight 1", |s| {
         s.try_backend("pg-1").is_some_and(|b| b.state == "up")
     })

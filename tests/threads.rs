@@ -8,7 +8,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -83,72 +82,25 @@ async fn sessions_run_on_the_configured_threads_and_a_reload_keeps_the_count() {
         .await;
 }
 
-/// A pglb started by hand on another instance's ports (its stats port of its own).
-struct Second {
-    child: Option<Child>,
-    stats: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Second {
-    fn start(cluster: &PgCluster, write: SocketAddr, read: SocketAddr) -> Second {
-        let dir = tempfile::Builder::new()
-            .prefix("pglb-second-")
-            .tempdir()
-            .unwrap();
-        let stats = free_addr();
-        let config = dir.path().join("lb.toml");
-        std::fs::write(&config, Pglb::builder(cluster).render(write, read, stats)).unwrap();
-        let log = std::fs::File::create(dir.path().join("pglb.log")).unwrap();
-        let child = Command::new(pglb_bin())
-            .arg("--config")
-            .arg(&config)
-            .env("PGLB_CHECK_PASSWORD", CHECK_PASSWORD)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn the second pglb");
-        Second {
-            child: Some(child),
-            stats,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("pglb.log")).unwrap_or_default()
-    }
-
-    fn stats(&self) -> Option<Stats> {
-        let (status, body) = http_get(self.stats, "/stats.json").ok()?;
-        if status != 200 {
-            return None;
-        }
-        let mut s: Stats = serde_json::from_str(&body).ok()?;
-        s.raw = body;
-        Some(s)
-    }
-}
-
-impl Drop for Second {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- second pglb log\n{}", self.log());
-        }
-    }
+/// A second pglb on `write` and `read` (ports another pglb listens on), its own stats port.
+fn second_pglb(
+    cluster: &PgCluster,
+    dir: &tempfile::TempDir,
+    write: SocketAddr,
+    read: SocketAddr,
+) -> SpawnedPglb {
+    let stats = free_addr();
+    let config = dir.path().join("lb.toml");
+    std::fs::write(&config, Pglb::builder(cluster).render(write, read, stats)).unwrap();
+    SpawnedPglb::spawn(&config, stats, dir.path().join("pglb.log"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_pglb_on_the_same_ports_shares_them_and_serves_alone_once_the_first_stops() {
     let cluster = PgCluster::start(1);
     let mut first = Pglb::start(&cluster).await;
-    let second = Second::start(&cluster, first.write, first.read);
+    let dir = tempfile::tempdir().unwrap();
+    let second = second_pglb(&cluster, &dir, first.write, first.read);
     wait_until(T, "second pglb knows the primary", || {
         second.stats().is_some_and(|s| s.primary.is_some())
     })

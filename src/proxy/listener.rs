@@ -18,11 +18,12 @@ use crate::backend::PortRole;
 
 static CONN_ID: AtomicU64 = AtomicU64::new(1);
 
-struct OpenGuard(Arc<AtomicU64>);
+/// One open client connection of a port, counted until the session ends.
+struct OpenGuard(Arc<PortLoad>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -52,8 +53,8 @@ pub fn bind_socket(addr: SocketAddr, reuseport: bool) -> std::io::Result<socket2
 /// count, checked against `maxconn`, and how many over-limit clients are being answered.
 #[derive(Default)]
 pub struct PortLoad {
-    open: Arc<AtomicU64>,
-    refusing: Arc<AtomicU64>,
+    open: AtomicU64,
+    refusing: AtomicU64,
 }
 
 /// Accepts on `listener` until `stop` is cancelled; sessions go on `sessions`, on the runtime
@@ -69,10 +70,6 @@ pub async fn serve(
     let local = listener.local_addr().ok();
     tracing::debug!(port = port.as_str(), addr = ?local, "accepting");
     let mut last_error_log: Option<Instant> = None;
-    let open = load.open.clone();
-    // Over-limit clients get a proper error, but only so many at once: past this, a flood of
-    // them is just closed.
-    let refusing = load.refusing.clone();
     let mut last_limit_log: Option<Instant> = None;
     let mut tuned: Option<SocketTuning> = None;
     loop {
@@ -96,25 +93,27 @@ pub async fn serve(
                     }
                 }
                 let maxconn = cfg.proxy.maxconn;
-                if open.load(Ordering::Relaxed) >= maxconn {
+                if load.open.load(Ordering::Relaxed) >= maxconn {
                     crate::metrics::client_rejected(port, "maxconn");
                     if last_limit_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                         warn!(port = port.as_str(), maxconn, %peer, "listener at maxconn: refusing clients");
                         last_limit_log = Some(Instant::now());
                     }
-                    if refusing.load(Ordering::Relaxed) < 256 {
-                        refusing.fetch_add(1, Ordering::Relaxed);
-                        let refusing = refusing.clone();
+                    // Over-limit clients get a proper error, but only so many at once: past
+                    // this, a flood of them is just closed.
+                    if load.refusing.load(Ordering::Relaxed) < 256 {
+                        load.refusing.fetch_add(1, Ordering::Relaxed);
+                        let load = load.clone();
                         let timeout = cfg.proxy.client_startup_timeout.min(Duration::from_secs(2));
                         tokio::spawn(async move {
                             refuse_over_limit(stream, port, maxconn, timeout).await;
-                            refusing.fetch_sub(1, Ordering::Relaxed);
+                            load.refusing.fetch_sub(1, Ordering::Relaxed);
                         });
                     }
                     continue;
                 }
-                open.fetch_add(1, Ordering::Relaxed);
-                let guard = OpenGuard(open.clone());
+                load.open.fetch_add(1, Ordering::Relaxed);
+                let guard = OpenGuard(load.clone());
                 let id = CONN_ID.fetch_add(1, Ordering::Relaxed);
                 let ctx = ctx.clone();
                 sessions.spawn(async move {

@@ -597,42 +597,47 @@ mod tests {
         (client_app, backend_app)
     }
 
-    #[tokio::test]
-    async fn backend_reset_is_a_backend_error() {
+    /// Moves a message each way, resets the app on `side`, and returns how the splice ended and
+    /// the bytes it counted (in, out).
+    async fn reset_after_exchange(side: Side) -> (Result<(), SpliceError>, (u64, u64)) {
         let (client_app, client) = pair().await;
         let (backend, backend_app) = pair().await;
         let apps = tokio::spawn(async move {
             let (client_app, backend_app) = exchange(client_app, backend_app).await;
-            reset(backend_app);
-            client_app
+            match side {
+                Side::Client => {
+                    reset(client_app);
+                    backend_app
+                }
+                Side::Backend => {
+                    reset(backend_app);
+                    client_app
+                }
+            }
         });
         let (bin, bout) = (AtomicU64::new(0), AtomicU64::new(0));
         let r = tokio::time::timeout(DEADLINE, splice(&client, &backend, &bin, &bout, None))
             .await
             .expect("session did not end");
-        assert!(matches!(r, Err(SpliceError::Backend(_))), "{r:?}");
-        let _client_app = apps.await.unwrap();
-        assert_eq!(
+        let _survivor = apps.await.unwrap();
+        (
+            r,
             (bin.load(Ordering::Relaxed), bout.load(Ordering::Relaxed)),
-            (5, 5)
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn backend_reset_is_a_backend_error() {
+        let (r, counted) = reset_after_exchange(Side::Backend).await;
+        assert!(matches!(r, Err(SpliceError::Backend(_))), "{r:?}");
+        assert_eq!(counted, (5, 5));
     }
 
     #[tokio::test]
     async fn client_reset_is_a_client_error() {
-        let (client_app, client) = pair().await;
-        let (backend, backend_app) = pair().await;
-        let apps = tokio::spawn(async move {
-            let (client_app, backend_app) = exchange(client_app, backend_app).await;
-            reset(client_app);
-            backend_app
-        });
-        let (bin, bout) = (AtomicU64::new(0), AtomicU64::new(0));
-        let r = tokio::time::timeout(DEADLINE, splice(&client, &backend, &bin, &bout, None))
-            .await
-            .expect("session did not end");
+        let (r, counted) = reset_after_exchange(Side::Client).await;
         assert!(matches!(r, Err(SpliceError::Client(_))), "{r:?}");
-        let _backend_app = apps.await.unwrap();
+        assert_eq!(counted, (5, 5));
     }
 
     #[tokio::test]

@@ -10,7 +10,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::thread::JoinHandle;
 
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
@@ -20,23 +19,20 @@ use tokio_util::sync::CancellationToken;
 pub struct Workers {
     handles: Vec<Handle>,
     stop: CancellationToken,
-    threads: Vec<JoinHandle<()>>,
 }
 
 impl Workers {
-    /// How many threads `threads = 0` means: one per CPU this process may run on.
-    pub fn default_count() -> usize {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    }
-
-    /// Starts `count` threads (at least one), each running its own runtime until dropped.
+    /// Starts `count` threads, each running its own runtime until dropped; 0 = one per CPU this
+    /// process may run on (affinity and cgroup quota included).
     pub fn start(count: usize) -> io::Result<Workers> {
-        let count = count.max(1);
+        let count = match count {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         let stop = CancellationToken::new();
+        // A failure half-way stops the threads already started.
+        let started = stop.clone().drop_guard();
         let mut handles = Vec::with_capacity(count);
-        let mut threads = Vec::with_capacity(count);
         for i in 0..count {
             // Sockets and timers only: signals and child processes are the control runtime's.
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -45,28 +41,14 @@ impl Workers {
                 .build()?;
             handles.push(rt.handle().clone());
             let stop = stop.clone();
-            let thread = std::thread::Builder::new()
+            // Not joined: a thread ends as soon as its runtime sees the token, and joining from
+            // the async context that drops `Workers` would block it.
+            std::thread::Builder::new()
                 .name(format!("pglb-worker-{i}"))
                 .spawn(move || rt.block_on(stop.cancelled()))?;
-            threads.push(thread);
         }
-        Ok(Workers {
-            handles,
-            stop,
-            threads,
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
-    pub fn handles(&self) -> &[Handle] {
-        &self.handles
+        started.disarm();
+        Ok(Workers { handles, stop })
     }
 
     /// Binds one listening socket per thread on `addr` (all on the same port: `SO_REUSEPORT`)
@@ -99,13 +81,6 @@ pub struct PortGroup {
 impl Drop for Workers {
     fn drop(&mut self) {
         self.stop.cancel();
-        // The threads end as soon as their runtime sees the token; joining from inside an async
-        // context would block it, so only threads that already finished are reaped here.
-        for t in self.threads.drain(..) {
-            if t.is_finished() {
-                let _ = t.join();
-            }
-        }
     }
 }
 

@@ -1193,6 +1193,81 @@ impl PglbBuilder {
     }
 }
 
+/// pglb spawned directly on a config file the test wrote, for what [`PglbBuilder::start`] cannot
+/// do: run on a ConfigMap-style symlink, or on ports another pglb already listens on. Stopped by
+/// PID on drop (SIGTERM, then SIGKILL after 10 s).
+pub struct SpawnedPglb {
+    child: Option<Child>,
+    stats: SocketAddr,
+    log: PathBuf,
+}
+
+impl SpawnedPglb {
+    pub fn spawn(config: &Path, stats: SocketAddr, log: PathBuf) -> SpawnedPglb {
+        let log_file = std::fs::File::create(&log).expect("create pglb log");
+        let child = Command::new(pglb_bin())
+            .arg("--config")
+            .arg(config)
+            .env("PGLB_CHECK_PASSWORD", CHECK_PASSWORD)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn pglb");
+        SpawnedPglb {
+            child: Some(child),
+            stats,
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn stats(&self) -> Option<Stats> {
+        let (code, body) = http_get(self.stats, "/stats.json").ok()?;
+        if code != 200 {
+            return None;
+        }
+        let mut s: Stats = serde_json::from_str(&body).ok()?;
+        s.raw = body;
+        Some(s)
+    }
+
+    pub async fn wait_stats<F: FnMut(&Stats) -> bool>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut pred: F,
+    ) -> Stats {
+        wait_for(timeout, what, || self.stats().filter(|s| pred(s))).await
+    }
+}
+
+impl Drop for SpawnedPglb {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: kill(2) on the PID of the child this test spawned.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if std::thread::panicking() {
+            eprintln!("--- pglb log\n{}", self.log_text());
+        }
+    }
+}
+
 /// `/stats.json`, typed for the fields the tests assert on.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Stats {
