@@ -355,6 +355,7 @@ pub async fn run_checker(
     token: CancellationToken,
 ) {
     let mut period = check().check.interval;
+    let mut last_local_warning: Option<std::time::Instant> = None;
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
@@ -385,6 +386,16 @@ pub async fn run_checker(
             },
             started.elapsed().as_secs_f64(),
         );
+        if let Err(ProbeError::Local(reason)) = &result {
+            // pglb's own shortage (e.g. out of descriptors while full of sessions) says nothing
+            // about the backend: counting it would mark a healthy primary down and cut every
+            // session on it. The state stays as it is until a check can run again.
+            if last_local_warning.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(5)) {
+                warn!(backend = %backend.name, %reason, "check could not run; backend state kept");
+                last_local_warning = Some(std::time::Instant::now());
+            }
+            continue;
+        }
         backend.record(result, cfg.check.rise, cfg.check.fall);
         on_result();
     }

@@ -18,6 +18,10 @@ pub enum ConnectError {
     Dns(String),
     #[error("{0}")]
     Io(String),
+    /// pglb itself could not open a socket (out of descriptors, buffers or memory): says
+    /// nothing about the backend.
+    #[error("pglb cannot open a connection: {0}")]
+    Local(String),
 }
 
 impl ConnectError {
@@ -27,6 +31,7 @@ impl ConnectError {
             ConnectError::Timeout(_) => "timeout",
             ConnectError::Dns(_) => "dns",
             ConnectError::Io(_) => "io",
+            ConnectError::Local(_) => "local",
         }
     }
 }
@@ -49,6 +54,9 @@ pub async fn connect_tcp(address: &str, timeout: Duration) -> Result<TcpStream, 
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     last = ConnectError::Refused
                 }
+                Err(e) if is_local_exhaustion(&e) => {
+                    return Err(ConnectError::Local(e.to_string()))
+                }
                 Err(e) => last = ConnectError::Io(e.to_string()),
             }
         }
@@ -58,6 +66,14 @@ pub async fn connect_tcp(address: &str, timeout: Duration) -> Result<TcpStream, 
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout(timeout)),
     }
+}
+
+/// Out of file descriptors (process or system), kernel buffers or memory: the local side failed.
+fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Socket options for both legs of a session.

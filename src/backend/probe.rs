@@ -68,6 +68,10 @@ pub enum ProbeError {
     Server(String),
     #[error("unexpected check result: {0}")]
     Protocol(String),
+    /// pglb could not open the check's connection (out of descriptors, ...): not the backend's
+    /// fault, so it does not count as a failed check.
+    #[error("{0}")]
+    Local(String),
 }
 
 impl ProbeError {
@@ -82,6 +86,7 @@ impl ProbeError {
             ProbeError::Io(_) => "io",
             ProbeError::Server(_) => "server",
             ProbeError::Protocol(_) => "protocol",
+            ProbeError::Local(_) => "local",
         }
     }
 }
@@ -93,6 +98,7 @@ impl From<ConnectError> for ProbeError {
             ConnectError::Timeout(d) => ProbeError::Timeout(d),
             ConnectError::Dns(s) => ProbeError::Dns(s),
             ConnectError::Io(s) => ProbeError::Io(s),
+            ConnectError::Local(s) => ProbeError::Local(ConnectError::Local(s).to_string()),
         }
     }
 }

@@ -50,11 +50,33 @@ pub fn bind_socket(addr: SocketAddr, reuseport: bool) -> std::io::Result<socket2
 }
 
 /// What the listeners of one port (one per worker thread) share: the port's open-connection
-/// count, checked against `maxconn`, and how many over-limit clients are being answered.
+/// count, checked against `maxconn`, how many over-limit clients are being answered, and when
+/// the port last warned about each kind of trouble (so a burst is logged once per port, not once
+/// per thread).
 #[derive(Default)]
 pub struct PortLoad {
     open: AtomicU64,
     refusing: AtomicU64,
+    accept_error_warned: Warned,
+    limit_warned: Warned,
+}
+
+/// At most one warning per `WARN_EVERY` across threads.
+#[derive(Default)]
+struct Warned(std::sync::Mutex<Option<Instant>>);
+
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+impl Warned {
+    /// True if the caller should log now (and the next `WARN_EVERY` stays quiet).
+    fn due(&self) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() <= WARN_EVERY) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
 }
 
 /// Accepts on `listener` until `stop` is cancelled; sessions go on `sessions`, on the runtime
@@ -69,8 +91,6 @@ pub async fn serve(
 ) {
     let local = listener.local_addr().ok();
     tracing::debug!(port = port.as_str(), addr = ?local, "accepting");
-    let mut last_error_log: Option<Instant> = None;
-    let mut last_limit_log: Option<Instant> = None;
     let mut tuned: Option<SocketTuning> = None;
     loop {
         let accepted = tokio::select! {
@@ -95,9 +115,8 @@ pub async fn serve(
                 let maxconn = cfg.proxy.maxconn;
                 if load.open.load(Ordering::Relaxed) >= maxconn {
                     crate::metrics::client_rejected(port, "maxconn");
-                    if last_limit_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    if load.limit_warned.due() {
                         warn!(port = port.as_str(), maxconn, %peer, "listener at maxconn: refusing clients");
-                        last_limit_log = Some(Instant::now());
                     }
                     // Over-limit clients get a proper error, but only so many at once: past
                     // this, a flood of them is just closed.
@@ -123,9 +142,8 @@ pub async fn serve(
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS and friends: log once per burst, back off, go on.
-                if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                if load.accept_error_warned.due() {
                     warn!(port = port.as_str(), error = %e, "accept failed; backing off");
-                    last_error_log = Some(Instant::now());
                 }
                 crate::metrics::accept_error(port);
                 tokio::select! {

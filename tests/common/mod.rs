@@ -1534,43 +1534,42 @@ impl Drop for Pglb {
     }
 }
 
-/// One HTTP/1.1 request (e.g. an admin POST) with an optional bearer token: (status, body).
+/// HTTP/1.1 request with an optional bearer token: (status code, body); panics when the stats
+/// server cannot be reached or answers garbage.
 pub fn http_request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     token: Option<&str>,
 ) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect stats");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+    let auth = token.map(|t| format!("Bearer {t}"));
+    http(addr, method, path, auth.as_deref())
+        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"))
+}
+
+/// Minimal HTTP/1.1 GET: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    http(addr, "GET", path, None)
+}
+
+/// HTTP/1.1 request with an optional `Authorization` header value (`Bearer ...`, `Basic ...`):
+/// (status code, body). Handles Content-Length, chunked and close-delimited bodies.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.set_write_timeout(Some(Duration::from_secs(5))).ok();
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
         .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body.to_string())
-}
-
-/// Minimal HTTP/1.1 GET: (status code, body). Handles Content-Length, chunked and close-delimited bodies.
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
-    s.set_write_timeout(Some(Duration::from_secs(3))).ok();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .map_err(|e| format!("send: {e}"))?;
     let mut buf = Vec::new();
