@@ -138,8 +138,11 @@ impl Balancer {
             started: Instant::now(),
             prometheus,
             reload: reload_status.clone(),
+            shutting_down: shutdown.clone(),
         });
-        let stats_stop = shutdown.child_token();
+        // The stats listener outlives the session listeners: during the drain it still answers
+        // (`/live` with 503), and it stops once the drain is over.
+        let stats_stop = CancellationToken::new();
         background.spawn(crate::http::serve(stats, stats_ctx, stats_stop.clone()));
 
         let (reload_tx, reload_rx) = mpsc::channel(16);
@@ -180,6 +183,7 @@ impl Balancer {
             sessions,
             background,
             workers,
+            stats_stop,
         ));
         info!(
             write = %write_addr,
@@ -218,6 +222,7 @@ async fn drain(
     sessions: TaskTracker,
     background: TaskTracker,
     workers: Arc<Workers>,
+    stats_stop: CancellationToken,
 ) {
     shutdown.cancelled().await;
     sessions.close();
@@ -242,6 +247,7 @@ async fn drain(
         hard_stop.cancel();
         sessions.wait().await;
     }
+    stats_stop.cancel();
     background.wait().await;
     // Every session has ended: the worker threads can go.
     drop(workers);

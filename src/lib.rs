@@ -11,6 +11,7 @@
 //! - `metrics`: metric names and recording helpers.
 //! - `promoter`: the failover sidecar (`pglb-promoter`): observe, decide (pure), act.
 //! - `signals`: SIGTERM/SIGINT/SIGHUP.
+//! - `telemetry`: logging set-up shared by both binaries.
 //! - `app`: wiring, lifecycle and graceful shutdown.
 
 pub mod app;
@@ -24,3 +25,4 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod signals;
+pub mod telemetry;

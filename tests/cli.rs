@@ -119,7 +119,18 @@ async fn sigterm_drains_open_session_then_exits_zero() {
 
     let session = connect_ok(lb.write).await;
     assert_eq!(backend_port(&session).await, cluster.primary().port());
+    let live = http_get(lb.stats, "/live").expect("GET /live before SIGTERM");
+    assert_eq!(live.0, 200, "/live before SIGTERM: {live:?}");
     lb.signal(libc::SIGTERM);
+
+    // Liveness turns 503 at once while the stats listener keeps answering through the drain,
+    // so a VIP or a load balancer moves away before any session is cut.
+    wait_until(
+        Duration::from_secs(5),
+        "/live answers 503 after SIGTERM",
+        || matches!(http_get(lb.stats, "/live"), Ok((503, _))),
+    )
+    .await;
 
     // Draining: the open session keeps working for a while after SIGTERM.
     for _ in 0..5 {

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use pglb::telemetry::{init_logging, LogFormat};
 
 /// Layer-4 load balancer for PostgreSQL: the write port reaches the primary, the read port a
 /// healthy replica within lag limits; health checks log in to every backend to learn its role.
@@ -34,27 +35,8 @@ enum Command {
     Run,
 }
 
-#[derive(Copy, Clone, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 /// EX_USAGE: the config is wrong.
 const EXIT_CONFIG: u8 = 64;
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PGLB_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().flatten_event(true).with_current_span(true).init(),
-    }
-}
 
 fn main() -> ExitCode {
     let args = Args::parse();

@@ -32,6 +32,8 @@ pub struct StatsContext {
     pub started: Instant,
     pub prometheus: Option<PrometheusHandle>,
     pub reload: Arc<std::sync::Mutex<ReloadStatus>>,
+    /// Cancelled on SIGTERM/SIGINT: `/live` answers 503 from then on, while the listeners drain.
+    pub shutting_down: CancellationToken,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -167,6 +169,20 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
             ),
         };
         return Ok(resp);
+    }
+    if path == "/live" {
+        // Liveness for a VIP track script or a load balancer: this process accepts and serves
+        // sessions, whether or not a primary is known. It turns 503 the moment a shutdown starts,
+        // before the listeners stop, so traffic moves away first and then sessions drain.
+        return Ok(if ctx.shutting_down.is_cancelled() {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "shutting down\n",
+            )
+        } else {
+            text(StatusCode::OK, "text/plain", "live\n")
+        });
     }
     if path != "/health" && !may_read(&req, &ctx) {
         warn!(path = %path, "stats read refused: missing or wrong credentials");
