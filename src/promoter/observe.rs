@@ -178,7 +178,7 @@ pub async fn node_status(address: &str, login: &CheckConfig) -> Result<NodeStatu
     let rows = client
         .simple_query(NODE_QUERY)
         .await
-        .map_err(probe::classify)?;
+        .map_err(|e| probe::classify(e, true))?;
     let row = rows
         .iter()
         .find_map(|m| match m {

@@ -218,7 +218,7 @@ impl PgPromoter {
                     .map_err(|e| ActError::Server {
                         node: node.name.clone(),
                         what,
-                        source: probe::classify(e),
+                        source: probe::classify(e, true),
                     })?;
                 last = msgs.into_iter().find_map(|m| match m {
                     SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
@@ -374,10 +374,11 @@ impl Promoter for PgPromoter {
             .await;
         match r {
             // Created by someone else in between: what we wanted.
-            Err(ActError::Server {
-                source: ProbeError::Server(msg),
-                ..
-            }) if msg.contains("42710") => Ok(()),
+            Err(ActError::Server { source, .. })
+                if source.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) =>
+            {
+                Ok(())
+            }
             r => r.map(|_| ()),
         }
     }

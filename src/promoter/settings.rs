@@ -146,6 +146,8 @@ impl Settings {
             login: CheckConfig {
                 interval: p.interval,
                 timeout: probe_timeout(p.failover_after),
+                relogin: c.check.relogin,
+                fast_interval: c.check.fast_interval,
                 rise: 1,
                 fall: 1,
                 user: p.user.clone(),
