@@ -11,6 +11,7 @@
 //! - `metrics`: metric names and recording helpers.
 //! - `promoter`: the failover sidecar (`pglb-promoter`): observe, decide (pure), act.
 //! - `signals`: SIGTERM/SIGINT/SIGHUP.
+//! - `store`: the consensus store (etcd) that elects one acting promoter and records the primary.
 //! - `telemetry`: logging set-up shared by both binaries.
 //! - `app`: wiring, lifecycle and graceful shutdown.
 
@@ -25,4 +26,5 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod signals;
+pub mod store;
 pub mod telemetry;
