@@ -176,8 +176,12 @@ impl EtcdStore {
         key: &str,
         ops: Vec<TxnOp>,
     ) -> Result<i64, StoreError> {
+        // Refused locally: name the holder only when we know it is someone else.
         let not_leader = || StoreError::NotLeader {
-            holder: leadership.leader_id().map(str::to_string),
+            holder: match leadership {
+                Leadership::Follower { leader } => leader.clone(),
+                Leadership::Leader(_) => None,
+            },
         };
         // Refused on our own clock first: past its validity the term must not act, even if etcd
         // would still accept (nobody else can lead yet, but we promised to stop).

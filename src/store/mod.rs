@@ -288,8 +288,9 @@ pub struct PrimaryRecord {
     pub epoch: u64,
 }
 
-/// The recorded primary as followed by `Store::watch_primary`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The recorded primary as followed by `Store::watch_primary`. The default (before the first
+/// answer) is no record, unreachable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PrimaryState {
     /// The latest record seen (kept while the store is unreachable).
     pub record: Option<PrimaryRecord>,
@@ -299,17 +300,6 @@ pub struct PrimaryState {
     pub reachable: bool,
     /// When the store last answered (`None`: never).
     pub last_contact: Option<Instant>,
-}
-
-impl Default for PrimaryState {
-    fn default() -> Self {
-        PrimaryState {
-            record: None,
-            revision: 0,
-            reachable: false,
-            last_contact: None,
-        }
-    }
 }
 
 /// One journalled step of a failover, recorded before it is taken.
