@@ -5,10 +5,13 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::etcd::EtcdCluster;
 use common::{wait_for, wait_until_async};
+use pglb::config::{StoreConfig, StoreKind};
 use pglb::store::{
     Campaign, EtcdStore, FailoverStep, Leadership, MemberView, PrimaryRecord, StepAction, Store,
     StoreError,
@@ -218,6 +221,10 @@ async fn a_frozen_leader_stops_acting_before_another_leads_and_then_steps_down()
     );
     assert!(a_stopped < b_led, "a must stop before b leads");
     assert!(
+        a_stopped - frozen < TTL,
+        "a cut off from etcd must stop acting within lease_ttl"
+    );
+    assert!(
         term.valid_until().into_std() < b_led,
         "a's validity must end before b leads"
     );
@@ -397,4 +404,93 @@ async fn the_step_journal_outlives_its_leader_and_guides_the_next() {
     ));
     sb.clear_steps(&b_term, 4).await.unwrap();
     assert!(sb.steps().await.unwrap().is_empty());
+}
+
+/// The leader process of the SIGKILL test below: campaigns as "child", prints a line once it
+/// leads, then keeps leading until it is killed. Does nothing unless that test starts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a child process of a_leader_killed_with_sigkill_is_replaced_within_the_ttl_and_one_interval"]
+async fn child_campaigner() {
+    let Ok(endpoints) = std::env::var("PGLB_STORE_CHILD_ENDPOINTS") else {
+        return;
+    };
+    let cfg = StoreConfig {
+        kind: StoreKind::Etcd,
+        endpoints: endpoints.split(',').map(str::to_string).collect(),
+        prefix: "/pglb/test".into(),
+        lease_ttl: TTL,
+        ..StoreConfig::default()
+    };
+    let s = EtcdStore::connect(&cfg).await.unwrap();
+    let c = s.campaign("child").await.unwrap();
+    wait_leader(&c, Duration::from_secs(10), "the child to lead").await;
+    println!("pglb-child-leads");
+    std::io::stdout().flush().unwrap();
+    tokio::time::sleep(Duration::from_secs(300)).await;
+}
+
+/// Kills the child by PID when the test ends, whatever happened.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_with_sigkill_is_replaced_within_the_ttl_and_one_interval() {
+    let cluster = EtcdCluster::start();
+    let mut child = ChildGuard(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["child_campaigner", "--exact", "--ignored", "--nocapture"])
+            .args(["--test-threads", "1"])
+            .env("PGLB_STORE_CHILD_ENDPOINTS", cluster.endpoints().join(","))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the leader process"),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // libtest's "test child_campaigner ... " precedes it on the same line.
+            if line.contains("pglb-child-leads") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the child process leads");
+
+    let sb = store(&cluster, &[0, 1, 2]).await;
+    assert_eq!(
+        sb.leader().await.unwrap().map(|k| k.id).as_deref(),
+        Some("child")
+    );
+    let b = sb.campaign("b").await.unwrap();
+    let brx = b.leadership();
+    wait_for(Duration::from_secs(5), "b to see the child lead", || {
+        (brx.borrow().leader_id() == Some("child")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(RENEW_EVERY * 2 + Duration::from_millis(400)).await;
+    assert!(!b.current().is_leader());
+
+    let killed = Instant::now();
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGKILL) };
+    let _ = child.0.wait();
+    wait_leader(&b, TTL * 3, "b to lead after the leader was killed").await;
+    let took = killed.elapsed();
+    eprintln!("takeover after kill -9 of the leader process: {took:?}");
+    assert!(
+        took <= TTL + RENEW_EVERY,
+        "b led {took:?} after the kill (limit: lease_ttl + one renewal interval)"
+    );
 }

@@ -27,8 +27,17 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::config::{StoreConfig, StoreKind};
 pub use error::StoreError;
 pub use etcd::EtcdStore;
+
+/// The store `[store]` configures: `None` for kind "none" (one promoter, nothing shared).
+pub async fn from_config(cfg: &StoreConfig) -> Result<Option<EtcdStore>, StoreError> {
+    match cfg.kind {
+        StoreKind::None => Ok(None),
+        StoreKind::Etcd => EtcdStore::connect(cfg).await.map(Some),
+    }
+}
 
 /// A consensus store for promoters. Every write that changes the cluster (`record_primary`,
 /// `record_step`, `clear_steps`) takes the caller's `Leadership` and commits only while the
