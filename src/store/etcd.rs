@@ -38,7 +38,7 @@ struct Inner {
     client: Client,
     prefix: String,
     ttl: Duration,
-    member_lease: tokio::sync::Mutex<Option<MemberLease>>,
+    member_lease: std::sync::Mutex<Option<MemberLease>>,
     shutdown: CancellationToken,
 }
 
@@ -144,7 +144,7 @@ impl EtcdStore {
                 client,
                 prefix: cfg.prefix.clone(),
                 ttl: cfg.lease_ttl,
-                member_lease: tokio::sync::Mutex::new(None),
+                member_lease: std::sync::Mutex::new(None),
                 shutdown: CancellationToken::new(),
             }),
         })
@@ -219,11 +219,8 @@ impl EtcdStore {
     /// This process's member lease, granted (and kept alive by a task) on first use or after it
     /// was lost.
     async fn member_lease(&self) -> Result<i64, StoreError> {
-        let mut slot = self.inner.member_lease.lock().await;
-        if let Some(l) = slot.as_ref() {
-            if l.alive.load(Ordering::Acquire) {
-                return Ok(l.id);
-            }
+        if let Some(id) = self.live_member_lease() {
+            return Ok(id);
         }
         let key = self.key("members/");
         let mut client = self.client();
@@ -250,16 +247,34 @@ impl EtcdStore {
             alive.clone(),
             self.inner.shutdown.clone(),
         ));
-        *slot = Some(MemberLease { id, alive });
+        // Two publishes racing here each got a lease: the last one wins, the other's keep-alive
+        // task stops and its lease expires on its own.
+        let mut slot = self.lock_member_lease();
+        if let Some(old) = slot.replace(MemberLease { id, alive }) {
+            old.alive.store(false, Ordering::Release);
+        }
         Ok(id)
     }
 
+    fn lock_member_lease(&self) -> std::sync::MutexGuard<'_, Option<MemberLease>> {
+        self.inner
+            .member_lease
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn live_member_lease(&self) -> Option<i64> {
+        self.lock_member_lease()
+            .as_ref()
+            .filter(|l| l.alive.load(Ordering::Acquire))
+            .map(|l| l.id)
+    }
+
     fn forget_member_lease(&self, id: i64) {
-        if let Ok(mut slot) = self.inner.member_lease.try_lock() {
-            if slot.as_ref().is_some_and(|l| l.id == id) {
-                if let Some(l) = slot.take() {
-                    l.alive.store(false, Ordering::Release);
-                }
+        let mut slot = self.lock_member_lease();
+        if slot.as_ref().is_some_and(|l| l.id == id) {
+            if let Some(l) = slot.take() {
+                l.alive.store(false, Ordering::Release);
             }
         }
     }
