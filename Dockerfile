@@ -17,7 +17,9 @@ ARG RUST_IMAGE=rust:1-bookworm
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 # Dependencies first, with placeholder sources, so that a change under src/ does not rebuild them.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
+# .cargo/: the protoc that etcd-client's build script needs comes from a crate (see .cargo/protoc).
+COPY .cargo .cargo
 RUN set -eux; \
     mkdir -p src/bin; \
     touch src/lib.rs; \

@@ -14,6 +14,7 @@
 //! - `promoter`: the failover sidecar (`pglb-promoter`): observe, decide (pure), act.
 //! - `ratelimit`: at most one log line per period for bursts of the same trouble.
 //! - `signals`: SIGTERM/SIGINT/SIGHUP.
+//! - `store`: the consensus store (etcd) that elects one acting promoter and records the primary.
 //! - `telemetry`: logging set-up shared by both binaries.
 //! - `app`: wiring, lifecycle and graceful shutdown.
 
@@ -32,5 +33,6 @@ pub mod ratelimit;
 pub mod reload;
 pub mod routing;
 pub mod signals;
+pub mod store;
 pub mod telemetry;
 pub mod view;

@@ -64,7 +64,11 @@ async fn page_json_and_metrics_show_roles_errors_and_lag() {
 
     let (code, html) = http_request(lb.stats, "GET", "/", None);
     assert_eq!(code, 200);
-    assert_eq!(html.matches("<table>").count(), 1, "one table, ports as columns");
+    assert_eq!(
+        html.matches("<table>").count(),
+        1,
+        "one table, ports as columns"
+    );
     for needle in [
         "pg-0",
         "pg-1",

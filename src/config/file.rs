@@ -21,6 +21,9 @@ pub struct FileConfig {
     pub stats: FileStats,
     /// Only read by `pglb-promoter`; the balancer ignores it.
     pub promoter: Option<FilePromoter>,
+    /// The consensus store that coordinates promoters; absent = `kind = "none"`.
+    #[serde(default)]
+    pub store: FileStore,
     #[serde(default, rename = "backend")]
     pub backends: Vec<FileBackend>,
 }
@@ -389,4 +392,76 @@ fn default_promoter_listen() -> String {
 
 fn default_weight() -> Spanned<u32> {
     Spanned::new(0..0, 1)
+}
+
+/// Which consensus store coordinates the promoters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// No store: one promoter, nothing shared (the default).
+    #[default]
+    None,
+    /// etcd v3: a leader key under a lease, guarded transactions.
+    Etcd,
+}
+
+impl StoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::None => "none",
+            StoreKind::Etcd => "etcd",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileStore {
+    #[serde(default = "default_store_kind")]
+    pub kind: Spanned<StoreKind>,
+    #[serde(default = "default_store_endpoints")]
+    pub endpoints: Spanned<Vec<String>>,
+    #[serde(default = "default_store_prefix")]
+    pub prefix: Spanned<String>,
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: Spanned<String>,
+    pub username: Option<Spanned<String>>,
+    pub password_env: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
+    /// Present only so that an inline password gets a helpful error instead of "unknown key".
+    pub password: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
+    pub cert_file: Option<Spanned<String>>,
+    pub key_file: Option<Spanned<String>>,
+}
+
+impl Default for FileStore {
+    fn default() -> Self {
+        Self {
+            kind: default_store_kind(),
+            endpoints: default_store_endpoints(),
+            prefix: default_store_prefix(),
+            lease_ttl: default_lease_ttl(),
+            username: None,
+            password_env: None,
+            password_file: None,
+            password: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+fn default_store_kind() -> Spanned<StoreKind> {
+    Spanned::new(0..0, StoreKind::None)
+}
+fn default_store_endpoints() -> Spanned<Vec<String>> {
+    Spanned::new(0..0, Vec::new())
+}
+fn default_store_prefix() -> Spanned<String> {
+    unspanned("/pglb/main")
+}
+fn default_lease_ttl() -> Spanned<String> {
+    unspanned("5s")
 }

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::ConfigError;
-pub use file::Balance;
 use file::FileConfig;
+pub use file::{Balance, StoreKind};
 use serde::{Serialize, Serializer};
 use toml::Spanned;
 
@@ -106,9 +106,60 @@ pub struct Config {
     pub stats: StatsConfig,
     /// `[promoter]`, present only when the file has it.
     pub promoter: Option<PromoterConfig>,
+    /// `[store]`: the consensus store shared by promoters and pglb (default kind "none").
+    pub store: StoreConfig,
     #[serde(rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
+
+/// `[store]`: where promoters elect their leader and record the primary (see `crate::store`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoreConfig {
+    /// "none" (the default: one promoter, nothing shared) or "etcd".
+    pub kind: StoreKind,
+    /// Client URLs, `http://host:2379` or `https://...`; at least one when kind is "etcd".
+    pub endpoints: Vec<String>,
+    /// This cluster's keys live under it: `{prefix}/leader`, `{prefix}/primary`, ...
+    /// Default "/pglb/main"; no trailing slash.
+    pub prefix: String,
+    /// Lease of the leader key and of each member key; whole seconds, at least 2 s. Default 5 s.
+    #[serde(serialize_with = "human")]
+    pub lease_ttl: Duration,
+    pub username: Option<String>,
+    #[serde(skip)]
+    pub password: Option<Secret>,
+    #[serde(rename = "password_from", serialize_with = "source")]
+    pub password_source: Option<SecretSource>,
+    /// TLS to etcd; set when any of ca_file, cert_file, key_file is given.
+    pub tls: Option<StoreTls>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::None,
+            endpoints: Vec::new(),
+            prefix: "/pglb/main".into(),
+            lease_ttl: Duration::from_secs(5),
+            username: None,
+            password: None,
+            password_source: None,
+            tls: None,
+        }
+    }
+}
+
+/// PEM files for TLS to etcd. `cert_file` and `key_file` (client certificate) go together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoreTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// Shortest `[store] lease_ttl`: renewals run at a third of it, and a leader stops acting a fifth
+/// of it before the lease can expire; below 2 s one slow round trip would cost the leadership.
+const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
 
 /// Settings of `pglb-promoter` (see docs/failover.md).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -427,6 +478,8 @@ impl Validator<'_> {
             }
         };
 
+        let store = self.store(&raw.store)?;
+
         let mut names = HashSet::new();
         let mut backends = Vec::with_capacity(raw.backends.len());
         for b in &raw.backends {
@@ -574,7 +627,162 @@ impl Validator<'_> {
                 read_token_source,
             },
             promoter,
+            store,
             backends,
+        })
+    }
+
+    fn store(&self, st: &file::FileStore) -> Result<StoreConfig, ConfigError> {
+        if let Some(p) = &st.password {
+            return Err(self.invalid(
+                p,
+                "store.password",
+                "inline passwords are not accepted: use password_env or password_file",
+            ));
+        }
+        let ttl_text = st.lease_ttl.get_ref().trim();
+        let lease_ttl = humantime::parse_duration(ttl_text).map_err(|e| {
+            self.invalid(
+                &st.lease_ttl,
+                "store.lease_ttl",
+                format!("{ttl_text:?} is not a duration (e.g. \"5s\"): {e}"),
+            )
+        })?;
+        if lease_ttl < MIN_LEASE_TTL {
+            return Err(self.invalid(&st.lease_ttl, "store.lease_ttl", "must be at least 2s"));
+        }
+        if lease_ttl.subsec_nanos() != 0 {
+            return Err(self.invalid(
+                &st.lease_ttl,
+                "store.lease_ttl",
+                "must be a whole number of seconds (etcd leases count in seconds)",
+            ));
+        }
+        let prefix = st.prefix.get_ref().trim().trim_end_matches('/').to_string();
+        if !prefix.starts_with('/') || prefix.chars().any(char::is_whitespace) {
+            return Err(self.invalid(
+                &st.prefix,
+                "store.prefix",
+                "must start with '/' and contain no spaces (e.g. \"/pglb/main\")",
+            ));
+        }
+        let path =
+            |v: &Option<Spanned<String>>, key: &str| -> Result<Option<PathBuf>, ConfigError> {
+                match v {
+                    None => Ok(None),
+                    Some(f) => {
+                        let p = PathBuf::from(f.get_ref());
+                        std::fs::metadata(&p).map_err(|e| {
+                            self.invalid(f, key, format!("cannot read {}: {e}", p.display()))
+                        })?;
+                        Ok(Some(p))
+                    }
+                }
+            };
+        let ca_file = path(&st.ca_file, "store.ca_file")?;
+        let cert_file = path(&st.cert_file, "store.cert_file")?;
+        let key_file = path(&st.key_file, "store.key_file")?;
+        match (&st.cert_file, &st.key_file) {
+            (Some(c), None) => {
+                return Err(self.invalid(c, "store.cert_file", "cert_file needs key_file"))
+            }
+            (None, Some(k)) => {
+                return Err(self.invalid(k, "store.key_file", "key_file needs cert_file"))
+            }
+            _ => {}
+        }
+        let tls = (ca_file.is_some() || cert_file.is_some()).then_some(StoreTls {
+            ca_file,
+            cert_file,
+            key_file,
+        });
+        let endpoints: Vec<String> = st
+            .endpoints
+            .get_ref()
+            .iter()
+            .map(|e| e.trim().trim_end_matches('/').to_string())
+            .collect();
+        for e in &endpoints {
+            let rest = e
+                .strip_prefix("http://")
+                .map(|r| (r, false))
+                .or_else(|| e.strip_prefix("https://").map(|r| (r, true)));
+            let ok = match rest {
+                Some((hostport, _)) => match hostport.rsplit_once(':') {
+                    Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok(),
+                    None => false,
+                },
+                None => false,
+            };
+            if !ok {
+                return Err(self.invalid(
+                    &st.endpoints,
+                    "store.endpoints",
+                    format!("{e:?} is not a client URL like \"http://etcd-1:2379\""),
+                ));
+            }
+            if let Some((_, https)) = rest {
+                if https != tls.is_some() {
+                    return Err(self.invalid(
+                        &st.endpoints,
+                        "store.endpoints",
+                        if https {
+                            format!("{e:?} is https: set ca_file (and cert_file/key_file for client certificates)")
+                        } else {
+                            format!("{e:?} is http but TLS files are set: use https://")
+                        },
+                    ));
+                }
+            }
+        }
+        let kind = *st.kind.get_ref();
+        if kind == StoreKind::Etcd && endpoints.is_empty() {
+            // The list may be missing altogether: then point at the kind line.
+            let span_in_file = !st.endpoints.span().is_empty();
+            return Err(if span_in_file {
+                self.invalid(
+                    &st.endpoints,
+                    "store.endpoints",
+                    "kind \"etcd\" needs at least one endpoint",
+                )
+            } else {
+                self.invalid(
+                    &st.kind,
+                    "store.endpoints",
+                    "kind \"etcd\" needs endpoints = [\"http://etcd-1:2379\", ...]",
+                )
+            });
+        }
+        let (password, password_source) =
+            self.secret(&st.password_env, &st.password_file, "store.password")?;
+        let username = st.username.as_ref().map(|u| u.get_ref().clone());
+        match (&username, &password) {
+            (None, Some(_)) => {
+                let at = st.password_env.as_ref().or(st.password_file.as_ref());
+                if let Some(at) = at {
+                    return Err(self.invalid(at, "store.password", "a password needs username"));
+                }
+            }
+            (Some(_), None) => {
+                if let Some(u) = &st.username {
+                    return Err(self.invalid(
+                        u,
+                        "store.username",
+                        "username needs password_env or password_file",
+                    ));
+                }
+            }
+            _ => {}
+        }
+        Ok(StoreConfig {
+            kind,
+            endpoints,
+            prefix,
+            lease_ttl,
+            username,
+            password,
+            password_source,
+            tls,
         })
     }
 
@@ -820,5 +1028,153 @@ address = "127.0.0.1:5432"
         assert!(!d.contains("s3cret-value"));
         assert!(d.contains("env:PGLB_TEST_DESCRIBE_PW"));
         assert!(!format!("{c:?}").contains("s3cret-value"));
+    }
+
+    fn line_of(src: &str, start: &str) -> usize {
+        src.lines().position(|l| l.starts_with(start)).unwrap() + 1
+    }
+
+    #[test]
+    fn store_defaults_to_none() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.store.kind, StoreKind::None);
+        assert_eq!(c.store.prefix, "/pglb/main");
+        assert_eq!(c.store.lease_ttl, Duration::from_secs(5));
+        assert!(c.store.endpoints.is_empty());
+    }
+
+    #[test]
+    fn store_etcd_is_read() {
+        let src = format!(
+            "{MIN}\n[store]\nkind = \"etcd\"\nendpoints = [\"http://etcd-1:2379\", \"http://etcd-2:2379/\"]\nprefix = \"/pglb/prod/\"\nlease_ttl = \"3s\"\n"
+        );
+        let c = parse(&src).unwrap();
+        assert_eq!(c.store.kind, StoreKind::Etcd);
+        assert_eq!(
+            c.store.endpoints,
+            ["http://etcd-1:2379", "http://etcd-2:2379"]
+        );
+        assert_eq!(c.store.prefix, "/pglb/prod");
+        assert_eq!(c.store.lease_ttl, Duration::from_secs(3));
+        assert!(c.store.tls.is_none());
+    }
+
+    #[test]
+    fn store_unknown_key_names_file_line_and_key() {
+        let src = format!("{MIN}\n[store]\nkind = \"etcd\"\nendpoint = [\"http://e:2379\"]\n");
+        let e = parse(&src).unwrap_err().to_string();
+        let line = line_of(&src, "endpoint =");
+        assert!(e.starts_with(&format!("lb.toml:{line}:")), "{e}");
+        assert!(
+            e.contains("store.endpoint") && e.contains("unknown field"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn store_etcd_without_endpoints_is_refused() {
+        let src = format!("{MIN}\n[store]\nkind = \"etcd\"\n");
+        let e = parse(&src).unwrap_err().to_string();
+        let line = line_of(&src, "kind =");
+        assert!(e.starts_with(&format!("lb.toml:{line}:")), "{e}");
+        assert!(e.contains("store.endpoints"), "{e}");
+        let src = format!("{MIN}\n[store]\nkind = \"etcd\"\nendpoints = []\n");
+        let e = parse(&src).unwrap_err().to_string();
+        let line = line_of(&src, "endpoints =");
+        assert!(e.starts_with(&format!("lb.toml:{line}:")), "{e}");
+        assert!(e.contains("at least one endpoint"), "{e}");
+    }
+
+    #[test]
+    fn store_lease_ttl_must_be_whole_seconds_of_at_least_two() {
+        let with = |ttl: &str| {
+            format!("{MIN}\n[store]\nkind = \"etcd\"\nendpoints = [\"http://e:2379\"]\nlease_ttl = \"{ttl}\"\n")
+        };
+        for (ttl, msg) in [
+            ("1s", "at least 2s"),
+            ("1500ms", "at least 2s"),
+            ("2500ms", "whole number of seconds"),
+            ("soon", "not a duration"),
+        ] {
+            let src = with(ttl);
+            let e = parse(&src).unwrap_err().to_string();
+            let line = line_of(&src, "lease_ttl =");
+            assert!(e.starts_with(&format!("lb.toml:{line}:")), "{ttl}: {e}");
+            assert!(
+                e.contains("store.lease_ttl") && e.contains(msg),
+                "{ttl}: {e}"
+            );
+        }
+        assert_eq!(
+            parse(&with("2s")).unwrap().store.lease_ttl,
+            Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn store_endpoints_must_be_client_urls() {
+        let src = format!("{MIN}\n[store]\nkind = \"etcd\"\nendpoints = [\"etcd-1:2379\"]\n");
+        let e = parse(&src).unwrap_err().to_string();
+        assert!(
+            e.contains("store.endpoints") && e.contains("client URL"),
+            "{e}"
+        );
+        let src =
+            format!("{MIN}\n[store]\nkind = \"etcd\"\nendpoints = [\"https://etcd-1:2379\"]\n");
+        let e = parse(&src).unwrap_err().to_string();
+        assert!(e.contains("set ca_file"), "{e}");
+    }
+
+    #[test]
+    fn store_tls_files_must_exist_and_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let base = format!(
+            "{MIN}\n[store]\nkind = \"etcd\"\nendpoints = [\"https://e:2379\"]\nca_file = \"{}\"\n",
+            ca.display()
+        );
+        let c = parse(&base).unwrap();
+        assert_eq!(c.store.tls.unwrap().ca_file.as_deref(), Some(ca.as_path()));
+        let src = format!("{base}cert_file = \"{}\"\n", ca.display());
+        let e = parse(&src).unwrap_err().to_string();
+        assert!(e.contains("cert_file needs key_file"), "{e}");
+        let src = format!("{base}key_file = \"/nonexistent/key.pem\"\n");
+        let e = parse(&src).unwrap_err().to_string();
+        assert!(
+            e.contains("store.key_file") && e.contains("cannot read"),
+            "{e}"
+        );
+        let e = parse(&base.replace("https://", "http://"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use https://"), "{e}");
+    }
+
+    #[test]
+    fn store_password_is_never_printed_and_never_inline() {
+        let src = format!(
+            "{MIN}\n[store]\nkind = \"etcd\"\nendpoints = [\"http://e:2379\"]\npassword = \"hunter2\"\n"
+        );
+        let e = parse(&src).unwrap_err().to_string();
+        assert!(
+            e.contains("inline passwords are not accepted") && !e.contains("hunter2"),
+            "{e}"
+        );
+        std::env::set_var("PGLB_TEST_STORE_PW", "etcd-s3cret");
+        let src = format!(
+            "{MIN}\n[store]\nkind = \"etcd\"\nendpoints = [\"http://e:2379\"]\nusername = \"pglb\"\npassword_env = \"PGLB_TEST_STORE_PW\"\n"
+        );
+        let c = parse(&src).unwrap();
+        assert_eq!(c.store.password.as_ref().unwrap().expose(), "etcd-s3cret");
+        let d = c.describe();
+        assert!(
+            d.contains("env:PGLB_TEST_STORE_PW") && !d.contains("etcd-s3cret"),
+            "{d}"
+        );
+        assert!(!format!("{c:?}").contains("etcd-s3cret"));
+        let src = src.replace("username = \"pglb\"\n", "");
+        let e = parse(&src).unwrap_err().to_string();
+        assert!(e.contains("a password needs username"), "{e}");
     }
 }

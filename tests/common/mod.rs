@@ -1767,3 +1767,6 @@ pub fn describe_ports(cluster: &PgCluster, ports: &[u16]) -> String {
 
 // Failover (promoter) helpers: see promoter.rs.
 pub mod promoter;
+
+// A real 3-member etcd cluster for store tests: see etcd.rs.
+pub mod etcd;
