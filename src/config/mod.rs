@@ -94,7 +94,8 @@ pub struct PromoterConfig {
     pub synchronous: bool,
     /// Promoter check interval. Default 500 ms.
     pub interval: Duration,
-    pub pglb_url: Option<String>,
+    /// pglb stats endpoints as written (`http://host:port`); empty: listen.stats on localhost.
+    pub pglb_url: Vec<String>,
     pub listen: String,
 }
 
@@ -193,7 +194,28 @@ impl Config {
 
     /// Validates config text; `path` is only used in messages.
     pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
-        Validator { path, src }.run()
+        Validator {
+            path,
+            src,
+            check_secret: true,
+        }
+        .run()
+    }
+
+    /// Like [`Config::load`] for `pglb-promoter`: the `[check]` password is pglb's secret, so it
+    /// is not read (`check.password` stays `None`, its source is kept); everything else is
+    /// validated alike.
+    pub fn load_for_promoter(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Validator {
+            path,
+            src: &src,
+            check_secret: false,
+        }
+        .run()
     }
 }
 
@@ -204,6 +226,8 @@ const MAX_THREADS: usize = 1024;
 struct Validator<'a> {
     path: &'a Path,
     src: &'a str,
+    /// Read `[check]`'s password now (pglb); false leaves it to its owner (the promoter).
+    check_secret: bool,
 }
 
 impl Validator<'_> {
@@ -304,8 +328,20 @@ impl Validator<'_> {
                 format!("must be at most {MAX_THREADS} (0 = one per CPU)"),
             ));
         }
-        let (password, password_source) =
-            self.secret(&c.password_env, &c.password_file, "check.password")?;
+        let (password, password_source) = if self.check_secret {
+            self.secret(&c.password_env, &c.password_file, "check.password")?
+        } else {
+            let source = c
+                .password_env
+                .as_ref()
+                .map(|e| SecretSource::Env(e.get_ref().clone()))
+                .or_else(|| {
+                    c.password_file
+                        .as_ref()
+                        .map(|f| SecretSource::File(f.get_ref().into()))
+                });
+            (None, source)
+        };
         let promoter = match &raw.promoter {
             None => None,
             Some(p) => {
@@ -329,7 +365,7 @@ impl Validator<'_> {
                     failover_after: p.failover_after,
                     synchronous: p.synchronous,
                     interval: p.interval,
-                    pglb_url: p.pglb_url.clone(),
+                    pglb_url: p.pglb_url.clone().map(|u| u.into_vec()).unwrap_or_default(),
                     listen: p.listen.clone(),
                 })
             }

@@ -9,9 +9,10 @@
 //! Also `promote_and_follow`, shared with the planned switchover.
 
 use std::cmp::Reverse;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::join_all;
+use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::decide::{sync_names, FailoverPlan};
@@ -522,6 +523,7 @@ pub(crate) mod tests {
                 ActError::Server {
                     node: node.into(),
                     what: "scripted",
+                    code: None,
                     source: ProbeError::Refused,
                 },
             );
@@ -548,6 +550,7 @@ pub(crate) mod tests {
                 Err(ActError::Server {
                     node: node.into(),
                     what: "position",
+                    code: None,
                     source: ProbeError::Refused,
                 })
             })
@@ -634,6 +637,7 @@ pub(crate) mod tests {
         Err(ActError::Server {
             node: "pg-0".into(),
             what: "position",
+            code: None,
             source: ProbeError::Refused,
         })
     }

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::observe::PglbView;
+use super::observe::{PglbView, Witnesses};
 
 /// The last failover this process ran (or tried).
 #[derive(Debug, Clone, Serialize)]
@@ -84,7 +84,10 @@ pub struct Status {
     pub fenced: Vec<String>,
     /// Replicas not streaming from the primary.
     pub not_streaming: Vec<String>,
+    /// The first configured pglb as a witness (`state`: not_configured, unreachable, reachable).
     pub pglb: PglbView,
+    /// Every configured pglb (`at`: its stats address) and what it said at the last look.
+    pub witnesses: Witnesses,
     pub nodes: Vec<NodeSummary>,
     /// Last config reload: applied, rejected or unchanged, with the error when rejected.
     pub reload: Option<String>,
@@ -118,6 +121,7 @@ impl Status {
             fenced: vec![],
             not_streaming: vec![],
             pglb: PglbView::NotConfigured,
+            witnesses: Witnesses::default(),
             nodes: vec![],
             reload: None,
         }

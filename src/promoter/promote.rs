@@ -8,6 +8,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use postgres_protocol::escape::escape_literal;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::info;
 
@@ -62,6 +64,8 @@ pub enum ActError {
     Server {
         node: String,
         what: &'static str,
+        /// The server's SQLSTATE when it answered with an error.
+        code: Option<SqlState>,
         #[source]
         source: ProbeError,
     },
@@ -123,9 +127,10 @@ pub trait Promoter: Send + Sync {
     ) -> impl Future<Output = Result<(), ActError>> + Send;
 }
 
-/// A string as a SQL literal (`E'...'`), safe whatever `standard_conforming_strings` says.
+/// A string as a SQL literal, safe whatever `standard_conforming_strings` says (libpq's
+/// `PQescapeLiteral`: `E'...'` when it holds a backslash).
 pub fn sql_literal(s: &str) -> String {
-    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+    escape_literal(s)
 }
 
 fn conninfo_value(v: &str) -> String {
@@ -190,11 +195,14 @@ impl PgPromoter {
     }
 
     async fn session(&self, node: &Member, what: &'static str) -> Result<Client, ActError> {
-        probe::login(&node.address, &self.settings.login, APPLICATION_NAME)
+        self.settings
+            .login
+            .connect(&node.address, APPLICATION_NAME)
             .await
             .map_err(|source| ActError::Server {
                 node: node.name.clone(),
                 what,
+                code: None,
                 source,
             })
     }
@@ -218,6 +226,7 @@ impl PgPromoter {
                     .map_err(|e| ActError::Server {
                         node: node.name.clone(),
                         what,
+                        code: e.code().cloned(),
                         source: probe::classify(e),
                     })?;
                 last = msgs.into_iter().find_map(|m| match m {
@@ -260,6 +269,7 @@ impl PgPromoter {
             Ok(r) => r.map_err(|source| ActError::Server {
                 node: node.name.clone(),
                 what: "read status",
+                code: None,
                 source,
             }),
             Err(_) => Err(ActError::Timeout {
@@ -375,9 +385,8 @@ impl Promoter for PgPromoter {
         match r {
             // Created by someone else in between: what we wanted.
             Err(ActError::Server {
-                source: ProbeError::Server(msg),
-                ..
-            }) if msg.contains("42710") => Ok(()),
+                code: Some(code), ..
+            }) if code == SqlState::DUPLICATE_OBJECT => Ok(()),
             r => r.map(|_| ()),
         }
     }
@@ -525,7 +534,8 @@ mod tests {
 
     #[test]
     fn literals_are_escaped() {
-        assert_eq!(sql_literal("a'b\\c"), "E'a\\'b\\\\c'");
+        assert_eq!(sql_literal("a'b"), "'a''b'");
+        assert_eq!(sql_literal("a'b\\c"), " E'a''b\\\\c'");
     }
 
     #[test]

@@ -5,7 +5,11 @@
 
 use std::time::Duration;
 
-use crate::config::{BackendConfig, CheckConfig, Config, Secret};
+use tokio_postgres::NoTls;
+
+use crate::backend::net::connect_tcp;
+use crate::backend::probe::{self, ProbeError};
+use crate::config::{BackendConfig, Config, Secret};
 
 /// One configured backend as the promoter sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +56,43 @@ pub fn slot_name(name: &str) -> String {
         .collect()
 }
 
+/// How the promoter logs in to every server, for its looks and its steps: its own user and
+/// password (`[promoter] user`, `password_env`/`password_file`), the database from `[check]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Login {
+    pub user: String,
+    pub password: Option<Secret>,
+    pub database: String,
+    /// Bound on connecting (and, for a look, on the whole look): half of `failover_after`,
+    /// kept between 1 s and 5 s.
+    pub timeout: Duration,
+}
+
+impl Login {
+    /// A fresh session on `address` (`host:port`) as `application_name`. The connection task
+    /// ends when the client is dropped.
+    pub async fn connect(
+        &self,
+        address: &str,
+        application_name: &str,
+    ) -> Result<tokio_postgres::Client, ProbeError> {
+        let stream = connect_tcp(address, self.timeout).await?;
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.user(&self.user)
+            .dbname(&self.database)
+            .application_name(application_name);
+        if let Some(pw) = &self.password {
+            cfg.password(pw.expose());
+        }
+        let (client, connection) = cfg
+            .connect_raw(stream, NoTls)
+            .await
+            .map_err(probe::classify)?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+}
+
 /// Why the promoter cannot run with a config.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -71,8 +112,8 @@ pub enum SettingsError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub members: Vec<Member>,
-    /// Login for checks and actions: `[promoter] user`/password, database from `[check]`.
-    pub login: CheckConfig,
+    /// Login for looks and steps.
+    pub login: Login,
     pub replication_user: String,
     pub replication_password: Option<Secret>,
     /// How long no primary may answer before a failover (witnesses agreeing). Default 3 s.
@@ -80,8 +121,9 @@ pub struct Settings {
     pub synchronous: bool,
     /// Time between two looks at the cluster. Default 500 ms.
     pub interval: Duration,
-    /// pglb's stats endpoint (`host:port`, path `/stats.json`), a witness when reachable.
-    pub pglb_stats: Option<String>,
+    /// pglb stats endpoints (`host:port`, path `/stats.json`): each a witness when reachable.
+    /// Never empty: `pglb_url` when set, else `listen.stats` on localhost.
+    pub pglb_stats: Vec<String>,
     /// `Authorization` header for it when pglb's `[stats]` protects reading: its read token,
     /// else its admin token, else Basic with its read user.
     pub pglb_authorization: Option<Secret>,
@@ -110,19 +152,23 @@ impl Settings {
         };
         let password = secret(&p.password, "password")?;
         let replication_password = secret(&p.replication_password, "replication_password")?;
-        let pglb_stats = match &p.pglb_url {
-            Some(url) => Some(parse_http_url(url).ok_or_else(|| SettingsError::PglbUrl {
-                path: path.clone(),
-                url: url.clone(),
-            })?),
+        let pglb_stats = if p.pglb_url.is_empty() {
             // pglb listens on listen.stats; an unspecified address means this host.
-            None => {
-                let mut a = c.listen.stats;
-                if a.ip().is_unspecified() {
-                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-                }
-                Some(a.to_string())
+            let mut a = c.listen.stats;
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
+            vec![a.to_string()]
+        } else {
+            p.pglb_url
+                .iter()
+                .map(|url| {
+                    parse_http_url(url).ok_or_else(|| SettingsError::PglbUrl {
+                        path: path.clone(),
+                        url: url.clone(),
+                    })
+                })
+                .collect::<Result<_, _>>()?
         };
         let pglb_authorization = {
             use base64::Engine;
@@ -143,15 +189,11 @@ impl Settings {
         };
         Ok(Settings {
             members: c.backends.iter().map(Member::from_config).collect(),
-            login: CheckConfig {
-                interval: p.interval,
-                timeout: probe_timeout(p.failover_after),
-                rise: 1,
-                fall: 1,
+            login: Login {
                 user: p.user.clone(),
                 password,
-                password_source: p.password.clone(),
                 database: c.check.database.clone(),
+                timeout: probe_timeout(p.failover_after),
             },
             replication_user: p.replication_user.clone(),
             replication_password,
@@ -247,7 +289,7 @@ no_failover = true
         assert_eq!(s.members.len(), 2);
         assert_eq!(s.members[1].priority, 150);
         assert!(s.members[1].no_failover);
-        assert_eq!(s.pglb_stats.as_deref(), Some("127.0.0.1:9404"));
+        assert_eq!(s.pglb_stats, ["127.0.0.1:9404"]);
         assert_eq!(s.probe_timeout(), Duration::from_millis(1500));
         assert_eq!(s.login.user, "postgres");
         assert_eq!(s.listen, "0.0.0.0:8405");
