@@ -428,6 +428,11 @@ pub fn conninfo_target(conninfo: &str) -> Option<(String, u16)> {
 }
 
 /// Splits libpq keyword/value pairs, honouring single quotes and backslash escapes.
+///
+/// Not `tokio_postgres::Config`: it refuses every keyword it does not implement, and real
+/// `primary_conninfo` values are full of libpq-only ones (`pg_basebackup -R` writes `passfile`,
+/// `sslcompression`, `gssencmode`, ...; the promoter itself writes `keepalives_count`), so
+/// the target of every real conninfo would be unknown (see the `conninfo_parsing` test).
 pub fn parse_conninfo(s: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut chars = s.chars().peekable();
@@ -1482,6 +1487,14 @@ pub(crate) mod tests {
             Some(("db'1".into(), 5432))
         );
         assert_eq!(conninfo_target(""), None);
+        // What pg_basebackup -R writes: libpq keywords tokio-postgres does not take.
+        let basebackup = "user=replicator passfile='/var/lib/postgresql/.pgpass' \
+            channel_binding=prefer host=pg-0 port=5432 sslmode=prefer sslcompression=0 \
+            sslcertmode=allow sslsni=1 ssl_min_protocol_version=TLSv1.2 gssencmode=prefer \
+            krbsrvname=postgres gssdelegation=0 target_session_attrs=any \
+            load_balance_hosts=disable";
+        assert_eq!(conninfo_target(basebackup), Some(("pg-0".into(), 5432)));
+        assert!(basebackup.parse::<tokio_postgres::Config>().is_err());
         assert_eq!(split_address("[::1]:5432"), Some(("::1".into(), 5432)));
     }
 

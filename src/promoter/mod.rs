@@ -583,3 +583,199 @@ async fn run_loop<P, F, O, Fut>(
     fences.close();
     fences.wait().await;
 }
+
+#[cfg(test)]
+mod tests {
+    //! The loop itself on paused time, with a fake `Promoter` and scripted observations: it
+    //! executes what `decide` says, feeds the outcomes back, and awaits fences on shutdown.
+
+    use super::*;
+    use crate::promoter::decide::tests::{
+        member, node, primary_dead, primary_status, replica_status,
+    };
+    use crate::promoter::observe::{NodeObservation, Witnesses};
+    use crate::promoter::promote::{ActError, Position};
+    use settings::Member;
+    use std::path::Path;
+
+    /// Records every call with its (virtual) time; positions never answer, so a failover
+    /// finds no candidate after 100 ms (stopping receivers); a fence takes `fence_takes`.
+    #[derive(Clone)]
+    struct Fake {
+        t0: Instant,
+        calls: Arc<Mutex<Vec<(String, Duration)>>>,
+        fence_takes: Duration,
+    }
+
+    impl Fake {
+        fn new(fence_takes: Duration) -> Fake {
+            Fake {
+                t0: Instant::now(),
+                calls: Arc::default(),
+                fence_takes,
+            }
+        }
+        fn note(&self, call: &str, node: &Member) {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((format!("{call} {}", node.name), self.t0.elapsed()));
+        }
+        fn times(&self, call: &str) -> Vec<Duration> {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(c, _)| c == call)
+                .map(|(_, t)| *t)
+                .collect()
+        }
+    }
+
+    impl Promoter for Fake {
+        async fn position(&self, node: &Member) -> Result<Position, ActError> {
+            self.note("position", node);
+            Err(ActError::Timeout {
+                node: node.name.clone(),
+                what: "position",
+                after: Duration::from_secs(1),
+            })
+        }
+        async fn stop_receiver(&self, node: &Member) -> Result<String, ActError> {
+            self.note("stop_receiver", node);
+            // A failover takes time; without it a loop that retried at once would spin at
+            // one instant of paused time instead of failing the test.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(String::new())
+        }
+        async fn restore_receiver(&self, node: &Member, _c: &str) -> Result<(), ActError> {
+            self.note("restore_receiver", node);
+            Ok(())
+        }
+        async fn prepare(&self, node: &Member, _s: Option<&str>) -> Result<(), ActError> {
+            self.note("prepare", node);
+            Ok(())
+        }
+        async fn promote(&self, node: &Member, _wait: Duration) -> Result<bool, ActError> {
+            self.note("promote", node);
+            Ok(false)
+        }
+        async fn checkpoint(&self, node: &Member) -> Result<(), ActError> {
+            self.note("checkpoint", node);
+            Ok(())
+        }
+        async fn ensure_slot(&self, primary: &Member, _slot: &str) -> Result<(), ActError> {
+            self.note("ensure_slot", primary);
+            Ok(())
+        }
+        async fn repoint(&self, replica: &Member, _primary: &Member) -> Result<(), ActError> {
+            self.note("repoint", replica);
+            Ok(())
+        }
+        async fn fence(&self, node: &Member) -> Result<u64, ActError> {
+            self.note("fence start", node);
+            tokio::time::sleep(self.fence_takes).await;
+            self.note("fence done", node);
+            Ok(0)
+        }
+        async fn unfence(&self, node: &Member) -> Result<(), ActError> {
+            self.note("unfence", node);
+            Ok(())
+        }
+        async fn set_sync_names(&self, primary: &Member, _v: &str) -> Result<(), ActError> {
+            self.note("set_sync_names", primary);
+            Ok(())
+        }
+    }
+
+    fn settings() -> Arc<Settings> {
+        let text = r#"
+[check]
+user = "pglb_check"
+[promoter]
+failover_after = "2s"
+interval = "200ms"
+[[backend]]
+name = "pg-0"
+address = "127.0.0.1:5000"
+[[backend]]
+name = "pg-1"
+address = "127.0.0.1:5001"
+[[backend]]
+name = "pg-2"
+address = "127.0.0.1:5002"
+"#;
+        let c = Config::parse(Path::new("lb.toml"), text).expect("test config");
+        Arc::new(Settings::from_config(&c).expect("test settings"))
+    }
+
+    /// Runs the loop against `fake`, every look seeing `nodes()`, for `run_for` (virtual), then
+    /// shuts it down; returns how long the shutdown took.
+    async fn run_for(
+        fake: &Fake,
+        nodes: fn() -> Vec<NodeObservation>,
+        run_for: Duration,
+    ) -> Duration {
+        let (_tx, rx) = watch::channel(settings());
+        let shared = Arc::new(Shared {
+            status: Mutex::new(Status::new("lb.toml".into(), false)),
+            prometheus: None,
+        });
+        let shutdown = CancellationToken::new();
+        let observe = move |_s: Arc<Settings>| async move {
+            Observation {
+                at: Instant::now(),
+                nodes: nodes(),
+                pglb: Witnesses::default(),
+            }
+        };
+        let fake2 = fake.clone();
+        let task = tokio::spawn(run_loop(
+            move |_s| fake2.clone(),
+            observe,
+            rx,
+            shared,
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(run_for).await;
+        let cancelled = Instant::now();
+        shutdown.cancel();
+        task.await.expect("loop task");
+        cancelled.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_failovers_are_paced_by_failover_after() {
+        let fake = Fake::new(Duration::ZERO);
+        run_for(&fake, primary_dead, Duration::from_millis(9900)).await;
+        let attempts = fake.times("stop_receiver pg-1");
+        // Due at 2 s (failover_after from the start); each attempt fails 100 ms later and the
+        // next one waits failover_after from then. Looks every 200 ms: without the pause it
+        // would try ~40 times.
+        assert_eq!(
+            attempts,
+            [2000, 4100, 6200, 8300].map(Duration::from_millis),
+            "{:?}",
+            fake.calls.lock().unwrap()
+        );
+        assert!(fake.times("promote pg-1").is_empty());
+    }
+
+    fn stale_pg0() -> Vec<NodeObservation> {
+        vec![
+            node(member("pg-0", 5000), primary_status(1, 300, &[])),
+            node(member("pg-1", 5001), primary_status(2, 200, &["pg-2"])),
+            node(member("pg-2", 5002), replica_status(2, 200, 5001, true)),
+        ]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fence_in_flight_is_issued_once_and_awaited_on_shutdown() {
+        let fake = Fake::new(Duration::from_secs(5));
+        let shutdown_took = run_for(&fake, stale_pg0, Duration::from_secs(1)).await;
+        // Five looks saw pg-0 writable while its fence ran: one fence.
+        assert_eq!(fake.times("fence start pg-0"), [Duration::ZERO]);
+        assert_eq!(fake.times("fence done pg-0"), [Duration::from_secs(5)]);
+        assert_eq!(shutdown_took, Duration::from_secs(4));
+    }
+}

@@ -339,4 +339,50 @@ no_failover = true
         assert!(e.contains("promoter.password"), "{e}");
         assert!(e.contains("PGLB_TEST_SURELY_UNSET_PROMOTER_PW"), "{e}");
     }
+
+    #[test]
+    fn pglb_url_is_a_string_or_a_list() {
+        let with = |v: &str| {
+            let c = Config::parse(
+                Path::new("lb.toml"),
+                &CFG.replace("[promoter]", &format!("[promoter]\npglb_url = {v}")),
+            )
+            .unwrap();
+            Settings::from_config(&c).map(|s| s.pglb_stats)
+        };
+        assert_eq!(with("\"http://a:8404\"").unwrap(), ["a:8404"]);
+        assert_eq!(
+            with("[\"http://a:8404\", \"http://b:9404/\"]").unwrap(),
+            ["a:8404", "b:9404"]
+        );
+        let e = with("[\"http://a:8404\", \"https://b\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("promoter.pglb_url \"https://b\""), "{e}");
+        assert!(Config::parse(
+            Path::new("lb.toml"),
+            &CFG.replace("[promoter]", "[promoter]\npglb_url = 3")
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn the_check_password_is_not_the_promoters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lb.toml");
+        std::fs::write(
+            &path,
+            CFG.replace(
+                "user = \"pglb_check\"",
+                "user = \"pglb_check\"\npassword_env = \"PGLB_TEST_SURELY_UNSET_CHECK_PW\"",
+            ),
+        )
+        .unwrap();
+        assert!(Config::load(&path).is_err(), "pglb needs it");
+        let c = Config::load_for_promoter(&path).unwrap();
+        assert!(c.check.password.is_none());
+        let s = Settings::from_config(&c).unwrap();
+        assert_eq!(s.login.user, "postgres");
+        assert_eq!(s.login.password, None);
+    }
 }
