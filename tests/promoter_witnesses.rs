@@ -38,7 +38,8 @@ async fn one_pglb_seeing_the_primary_holds_back_and_an_unreachable_one_abstains(
     // The replicas lose the primary (receivers stopped) and the promoter and pglb A lose it
     // too (relay cut): everything but pglb B says the primary is gone.
     for r in cluster.replicas() {
-        r.exec("ALTER SYSTEM SET primary_conninfo = ''; SELECT pg_reload_conf()");
+        r.exec("ALTER SYSTEM SET primary_conninfo = ''");
+        r.exec("SELECT pg_reload_conf()");
     }
     relay.cut();
     lb_a.wait_stats(T, "pglb A to lose pg-0", |st| st.primary.is_none())

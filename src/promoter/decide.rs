@@ -1,5 +1,12 @@
 //! Decide: pure functions from what was observed (and a little memory) to what to do. No I/O,
-//! no clock reads: time comes in with the `Observation`. Every branch has a unit test below.
+//! no clock reads: time comes in with the `Observation` and as `now`. Every branch has a unit
+//! test below.
+//!
+//! Two layers. `assess` judges one look: `Steady`, `Reconcile`, `Failover` or `Wait { reason }`.
+//! `decide` wraps it with the loop's own policy and returns `Command`s: fences for stale
+//! primaries (once until they report back), the pause after a failover that promoted nobody,
+//! and the verification of re-pointed replicas. The loop executes the commands and hands what
+//! came of them back through `State::record`, so that policy is tested on paused time too.
 //!
 //! The primary is derived from the servers, never from a local file: a writable server on the
 //! newest timeline known for its cluster (newest seen by this process, or found on any server,

@@ -1,17 +1,19 @@
 //! pglb-promoter: watches the primary and, when it is really gone, promotes the most advanced
-//! replica, re-points the others and keeps the old primary fenced. Observe → decide → act.
+//! replica, re-points the others and keeps the old primary fenced. Observe → decide → execute.
 //!
 //! Module map:
 //! - `settings`: the `[promoter]` section and backends, secrets resolved (`Settings`, `Member`).
-//! - `observe`: one look at every backend (fresh login, role, WAL, receiver) and at pglb.
-//! - `decide`: pure: primary from timelines, failure detection with witnesses, `Decision`.
+//! - `observe`: one look at every backend (fresh login, role, WAL, receiver) and at every pglb.
+//! - `decide`: pure: primary from timelines, failure detection with witnesses (`assess` →
+//!   `Decision`), and the loop's policy (`decide` → `Command`s; outcomes come back as `Event`s).
 //! - `promote`: side effects behind the `Promoter` trait (`PgPromoter` over SQL, `DryRun`).
 //! - `failover`: the failover driver (stop receivers, choose, replay, promote, re-point).
 //! - `switchover`: the planned `switchover --to NAME`.
 //! - `rejoin`: `rejoin`: pg_rewind an old primary and restart it as a standby (local data dir).
 //! - `http`: `/status`, `/metrics`, `/health`; `metrics`: metric names.
 //!
-//! This file wires the daemon: config reload, signals, the status server and the loop.
+//! This file wires the daemon: config reload, signals, the status server and the loop, which
+//! only looks, executes commands and feeds back their outcomes.
 
 pub mod decide;
 pub mod failover;
