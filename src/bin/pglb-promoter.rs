@@ -10,12 +10,14 @@ use clap::{CommandFactory, Parser, Subcommand};
 use pglb::promoter::{self, promote::PgPromoter, settings::Settings};
 use pglb::telemetry::{init_logging, LogFormat};
 
-/// pglb-promoter: the failover sidecar of pglb. Promotes the most advanced replica when the
-/// primary is really gone (its own checks for failover_after, the replicas and every reachable
-/// pglb agreeing), re-points the other replicas and fences an old primary that comes back.
-/// Reads the same lb.toml as pglb, with a [promoter] section.
+/// pglb-promoter: the failover sidecar of pglb.
+///
+/// Promotes the most advanced replica when the primary is really gone (its own checks for
+/// failover_after, the replicas and every reachable pglb agreeing), re-points the other
+/// replicas and fences an old primary that comes back. Reads the same lb.toml as pglb, with a
+/// [promoter] section (see docs/failover.md).
 #[derive(Parser, Debug)]
-#[command(name = "pglb-promoter", version, long_about = None)]
+#[command(name = "pglb-promoter", version)]
 struct Args {
     /// Config file (TOML, the one pglb reads, with a [promoter] section); reloaded on change
     /// and on SIGHUP.
