@@ -1,7 +1,10 @@
 # pglb image, built from source: both binaries (pglb, pglb-promoter) on debian:bookworm-slim.
 #
 #   docker build -t pglb:latest .                                   (from the repository root)
-#   docker compose -f compose/compose.yaml up -d --build            (builds this file by default)
+#   compose/up                                                      (builds this file by default)
+#
+# The binaries carry no debug info ([profile.release] in Cargo.toml strips it at link time),
+# and .dockerignore keeps target/ out of the build context (only the two binaries pass).
 #
 # Needs the rust:1-bookworm and debian:bookworm-slim images and the crate registry. Without a
 # container registry, compile on the host and use compose/pglb/Dockerfile.prebuilt instead (same

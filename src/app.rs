@@ -1,11 +1,13 @@
-//! Wires the balancer together: binds the three listeners, starts the cluster (checkers and
-//! routing), the stats server, signals and the reload loop; owns the root token and the task
+//! Wires the balancer together: binds the three listeners, starts the control plane (checkers
+//! and the control task), the stats server, signals and the reload loop; owns the root token and the task
 //! trackers; runs the graceful shutdown. Also the entry point used by tests (`Balancer::start`).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -14,14 +16,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::backend::PortRole;
+use crate::backend::SlotWaiters;
 use crate::config::Config;
-use crate::http::{ReloadStatus, StatsContext};
-use crate::proxy::client::SessionContext;
+use crate::control::Control;
+use crate::http::StatsContext;
+use crate::proxy::client::{SessionContext, SessionShared};
 use crate::proxy::listener::{self, PortLoad};
 use crate::proxy::workers::{PortGroup, Workers};
+use crate::proxy::PortRole;
 use crate::reload::{self, Outcome};
-use crate::routing::Cluster;
+use crate::view::ReloadStatus;
 
 /// Installs the Prometheus recorder once per process; later calls get the same handle.
 fn prometheus() -> Option<PrometheusHandle> {
@@ -82,12 +86,43 @@ fn serve_port(
 
 /// A running balancer.
 pub struct Balancer {
-    pub cluster: Arc<Cluster>,
+    pub control: Control,
     pub write_addr: SocketAddr,
     pub read_addr: SocketAddr,
     pub stats_addr: SocketAddr,
     shutdown: CancellationToken,
     done: tokio::task::JoinHandle<()>,
+    /// Set when a background task ended or panicked before a shutdown was asked for.
+    failed: Arc<AtomicBool>,
+}
+
+/// Runs the tasks that must live as long as the process: one ending or panicking before a
+/// shutdown was asked for is logged and shuts pglb down with a failure exit.
+struct Supervisor {
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    failed: Arc<AtomicBool>,
+}
+
+impl Supervisor {
+    fn spawn(&self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        let shutdown = self.shutdown.clone();
+        let failed = self.failed.clone();
+        self.tracker.spawn(async move {
+            let result = handle.await;
+            match result {
+                Ok(()) if shutdown.is_cancelled() => return,
+                Ok(()) => error!(
+                    task = name,
+                    "background task ended unexpectedly; shutting down"
+                ),
+                Err(e) => error!(task = name, error = %e, "background task failed; shutting down"),
+            }
+            failed.store(true, Ordering::SeqCst);
+            shutdown.cancel();
+        });
+    }
 }
 
 impl Balancer {
@@ -113,11 +148,21 @@ impl Balancer {
         let (write_addr, read_addr) = (write.local, read.local);
         let stats_addr = stats.local_addr()?;
 
-        let cluster = Cluster::start(config.clone(), shutdown.clone(), background.clone());
-        let ctx = SessionContext {
-            cluster: cluster.clone(),
-            hard_stop: hard_stop.clone(),
+        let supervisor = Supervisor {
+            tracker: background.clone(),
+            shutdown: shutdown.clone(),
+            failed: Arc::new(AtomicBool::new(false)),
         };
+        let (control, control_task) =
+            Control::start(config.clone(), shutdown.clone(), background.clone());
+        supervisor.spawn("control", control_task);
+        let ctx: SessionContext = Arc::new(SessionShared {
+            control: control.clone(),
+            rr: AtomicUsize::new(0),
+            waiters: Arc::new(SlotWaiters::default()),
+            hard_stop: hard_stop.clone(),
+            shutting_down: shutdown.clone(),
+        });
         let mut ports = Vec::new();
         for (group, role, addr) in [
             (write, PortRole::Write, config.listen.write),
@@ -129,30 +174,26 @@ impl Balancer {
             ports.push(PortListener { addr, stop, load });
         }
 
-        let reload_status = Arc::new(Mutex::new(ReloadStatus {
-            result: "initial".into(),
-            ..Default::default()
-        }));
         let stats_ctx = Arc::new(StatsContext {
-            cluster: cluster.clone(),
-            started: Instant::now(),
+            control: control.clone(),
             prometheus,
-            reload: reload_status.clone(),
             shutting_down: shutdown.clone(),
         });
         // The stats listener outlives the session listeners: during the drain it still answers
         // (`/live` with 503), and it stops once the drain is over.
         let stats_stop = CancellationToken::new();
-        background.spawn(crate::http::serve(stats, stats_ctx, stats_stop.clone()));
+        supervisor.spawn(
+            "stats server",
+            crate::http::serve(stats, stats_ctx, stats_stop.clone()),
+        );
 
         let (reload_tx, reload_rx) = mpsc::channel(16);
-        background.spawn({
+        supervisor.spawn("signals", {
             let shutdown = shutdown.clone();
             let tx = reload_tx.clone();
             async move {
                 if let Err(e) = crate::signals::run(shutdown.clone(), tx).await {
                     error!(error = %e, "signal handling failed; shutting down");
-                    shutdown.cancel();
                 }
             }
         });
@@ -163,21 +204,23 @@ impl Balancer {
                 None
             }
         };
-        background.spawn(reload_loop(
-            path,
-            cluster.clone(),
-            reload_rx,
-            reload_status,
-            ports,
-            ctx.clone(),
-            sessions.clone(),
-            shutdown.clone(),
-            watcher,
-            workers.clone(),
-        ));
+        supervisor.spawn(
+            "reload",
+            reload_loop(
+                path,
+                control.clone(),
+                reload_rx,
+                ports,
+                ctx.clone(),
+                sessions.clone(),
+                shutdown.clone(),
+                watcher,
+                workers.clone(),
+            ),
+        );
 
         let done = tokio::spawn(drain(
-            cluster.clone(),
+            control.clone(),
             shutdown.clone(),
             hard_stop,
             sessions,
@@ -193,12 +236,13 @@ impl Balancer {
             "pglb started"
         );
         Ok(Balancer {
-            cluster,
+            control,
             write_addr,
             read_addr,
             stats_addr,
             shutdown,
             done,
+            failed: supervisor.failed,
         })
     }
 
@@ -207,16 +251,21 @@ impl Balancer {
         self.shutdown.cancel();
     }
 
-    /// Waits until the balancer has stopped (after a signal or `shutdown`).
-    pub async fn wait(self) {
-        let _ = self.done.await;
+    /// Waits until the balancer has stopped (after a signal or `shutdown`). An error when a
+    /// background task failed or the drain itself panicked: the exit must not say success.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.done.await.context("shutdown drain failed")?;
+        if self.failed.load(Ordering::SeqCst) {
+            anyhow::bail!("a background task failed (see the log above)");
+        }
+        Ok(())
     }
 }
 
 /// After the root token is cancelled: listeners have stopped accepting; give open sessions up to
 /// `shutdown_timeout`, then cut the rest.
 async fn drain(
-    cluster: Arc<Cluster>,
+    control: Control,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
     sessions: TaskTracker,
@@ -227,19 +276,15 @@ async fn drain(
     shutdown.cancelled().await;
     sessions.close();
     background.close();
-    let timeout = cluster.config().proxy.shutdown_timeout;
-    let open: u64 = cluster.backends().iter().map(|b| b.active_sessions()).sum();
+    let view = control.view();
+    let timeout = view.config().proxy.shutdown_timeout;
+    let open = view.active_sessions();
     info!(open_sessions = open, timeout = ?timeout, "draining sessions");
     if tokio::time::timeout(timeout, sessions.wait())
         .await
         .is_err()
     {
-        let left: u64 = cluster
-            .backends()
-            .iter()
-            .chain(cluster.draining().iter())
-            .map(|b| b.active_sessions())
-            .sum();
+        let left = control.view().active_sessions();
         warn!(
             cut = left,
             "shutdown timeout reached: closing remaining sessions"
@@ -257,9 +302,8 @@ async fn drain(
 #[allow(clippy::too_many_arguments)]
 async fn reload_loop(
     path: PathBuf,
-    cluster: Arc<Cluster>,
+    control: Control,
     mut rx: mpsc::Receiver<()>,
-    status: Arc<Mutex<ReloadStatus>>,
     mut ports: Vec<PortListener>,
     ctx: SessionContext,
     sessions: TaskTracker,
@@ -267,6 +311,10 @@ async fn reload_loop(
     _watcher: Option<notify::RecommendedWatcher>,
     workers: Arc<Workers>,
 ) {
+    let mut status = ReloadStatus {
+        result: "initial".into(),
+        ..Default::default()
+    };
     loop {
         let more = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -275,30 +323,27 @@ async fn reload_loop(
         if !more {
             return;
         }
-        let current = cluster.config();
+        let current = control.view().config().clone();
         let outcome = reload::attempt(&path, &current);
-        let now = SystemTime::now()
+        status.at_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .ok()
             .map(|d| d.as_secs_f64());
-        let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
-        st.at_unix = now;
         match outcome {
             Outcome::Unchanged => {
-                st.result = "unchanged".into();
-                st.error = None;
+                status.result = "unchanged".into();
+                status.error = None;
                 crate::metrics::config_reload("unchanged");
                 info!(path = %path.display(), "config unchanged");
             }
             Outcome::Rejected(e) => {
-                st.result = "rejected".into();
-                st.error = Some(e.to_string());
-                st.rejected += 1;
+                status.result = "rejected".into();
+                status.error = Some(e.to_string());
+                status.rejected += 1;
                 crate::metrics::config_reload("rejected");
                 warn!(error = %e, kind = e.kind(), "config reload refused; keeping the running config");
             }
             Outcome::Changed(new) => {
-                drop(st);
                 let mut new = *new;
                 // Rebind listeners whose address changed; a failed bind keeps the old address.
                 let mut bind_error = None;
@@ -341,27 +386,29 @@ async fn reload_loop(
                     );
                     new.proxy.threads = current.proxy.threads;
                 }
-                let diff = cluster.apply(new);
+                let Ok(diff) = control.apply(new).await else {
+                    // The control task has stopped: the process is shutting down.
+                    return;
+                };
                 info!(
                     added = ?diff.added,
                     removed = ?diff.removed,
                     changed = ?diff.changed,
-                    generation = cluster.generation(),
+                    generation = control.view().generation,
                     "config reloaded"
                 );
-                let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
-                st.result = "applied".into();
-                st.error = bind_error;
-                st.applied += 1;
+                status.result = "applied".into();
+                status.error = bind_error;
+                status.applied += 1;
                 crate::metrics::config_reload("applied");
             }
         }
+        control.reloaded(status.clone());
     }
 }
 
 /// Runs the balancer until SIGTERM/SIGINT and the drain are done.
 pub async fn run_balancer(config: Config) -> anyhow::Result<()> {
     let b = Balancer::start(config).await?;
-    b.wait().await;
-    Ok(())
+    b.wait().await
 }

@@ -6,7 +6,7 @@ use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
 
-use crate::backend::PortRole;
+use crate::proxy::PortRole;
 
 pub const BACKEND_UP: &str = "pglb_backend_up";
 pub const BACKEND_ROLE: &str = "pglb_backend_role";
@@ -25,6 +25,18 @@ pub const CONFIG_LAST_RELOAD_OK: &str = "pglb_config_last_reload_successful";
 pub const SESSIONS_QUEUED_TOTAL: &str = "pglb_sessions_queued_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "pglb_accept_errors_total";
 pub const PRIMARY_KNOWN: &str = "pglb_primary_known";
+pub const BUILD_INFO: &str = "pglb_build_info";
+pub const CHECK_LOGINS_REFUSED_TOTAL: &str = "pglb_check_logins_refused_total";
+pub const SESSIONS_WAITING: &str = "pglb_sessions_waiting";
+
+const PORTS: [PortRole; 2] = [PortRole::Write, PortRole::Read];
+/// Every `reason` label of `pglb_sessions_cut_total`.
+pub const CUT_REASONS: [&str; 4] = ["writer_changed", "backend_cut", "idle_timeout", "shutdown"];
+/// The `reason` labels of `pglb_clients_rejected_total` known before any client came (invalid
+/// first packets add their own kind when they happen).
+const REJECT_REASONS: [&str; 4] = ["no_backend", "queue_timeout", "maxconn", "startup_timeout"];
+/// Every `result` label of `pglb_config_reloads_total`.
+const RELOAD_RESULTS: [&str; 3] = ["applied", "rejected", "unchanged"];
 
 /// Registers descriptions; call once after installing the recorder.
 pub fn describe() {
@@ -84,6 +96,59 @@ pub fn describe() {
         PRIMARY_KNOWN,
         "1 when pglb knows a primary to send writes to"
     );
+    describe_counter!(
+        SESSIONS_QUEUED_TOTAL,
+        "sessions that waited for a slot on a backend at its maxconn"
+    );
+    describe_gauge!(BUILD_INFO, "always 1; the version is a label");
+    describe_counter!(
+        CHECK_LOGINS_REFUSED_TOTAL,
+        "check logins refused while the kept check connection still answered (server full, login no longer allowed)"
+    );
+    describe_gauge!(
+        SESSIONS_WAITING,
+        "new sessions waiting for a backend on a port that has none (wait_for_backend)"
+    );
+
+    // Every family with labels from a closed set is present from the start, at 0, so that
+    // dashboards and alerts see 0 rather than no data.
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(CONFIG_LAST_RELOAD_OK).set(1.0);
+    for r in RELOAD_RESULTS {
+        counter!(CONFIG_RELOADS_TOTAL, "result" => r).absolute(0);
+    }
+    for port in PORTS {
+        gauge!(SESSIONS_WAITING, "port" => port.as_str()).set(0.0);
+        counter!(ACCEPT_ERRORS_TOTAL, "port" => port.as_str()).absolute(0);
+        counter!(SESSIONS_QUEUED_TOTAL, "port" => port.as_str()).absolute(0);
+        for reason in CUT_REASONS {
+            counter!(SESSIONS_CUT_TOTAL, "port" => port.as_str(), "reason" => reason).absolute(0);
+        }
+        for reason in REJECT_REASONS {
+            counter!(CLIENTS_REJECTED_TOTAL, "port" => port.as_str(), "reason" => reason)
+                .absolute(0);
+        }
+    }
+}
+
+/// Per-backend families at 0 for a backend that has not had the event yet (called for every
+/// backend at each scrape; adding 0 changes no value).
+pub fn backend_zeros(backend: &str) {
+    for port in PORTS {
+        let labels = [
+            ("port", port.as_str().to_string()),
+            ("backend", backend.to_string()),
+        ];
+        counter!(SESSIONS_TOTAL, &labels).increment(0);
+        gauge!(SESSIONS_ACTIVE, &labels).increment(0.0);
+    }
+    for result in ["ok", "refused", "timeout", "auth"] {
+        counter!(CHECKS_TOTAL, "backend" => backend.to_string(), "result" => result).increment(0);
+    }
+    for reason in ["refused", "timeout", "dns", "io"] {
+        counter!(BACKEND_CONNECT_FAILURES_TOTAL, "backend" => backend.to_string(), "reason" => reason)
+            .increment(0);
+    }
 }
 
 pub fn session_started(port: PortRole, backend: &str) {
@@ -129,4 +194,13 @@ pub fn config_reload(result: &'static str) {
 
 pub fn session_queued(port: PortRole) {
     counter!(SESSIONS_QUEUED_TOTAL, "port" => port.as_str()).increment(1);
+}
+
+pub fn check_login_refused(backend: &str, kind: &'static str) {
+    counter!(CHECK_LOGINS_REFUSED_TOTAL, "backend" => backend.to_string(), "reason" => kind)
+        .increment(1);
+}
+
+pub fn sessions_waiting(port: PortRole, delta: f64) {
+    gauge!(SESSIONS_WAITING, "port" => port.as_str()).increment(delta);
 }

@@ -1,24 +1,20 @@
-//! Who gets new sessions. `decide_roles` (pure) turns all backends' check reports into roles,
-//! fencing stale primaries by timeline; `replica_lag` and `read_eligible` (pure) decide which
-//! replicas may take reads. `Cluster` owns the backends and their checker tasks, applies configs
-//! (start and reload), and publishes a `RoutingTable` snapshot through a `watch` channel that
-//! listeners read per accept and sessions wake on.
+//! The routing decision, pure: `route` turns every backend's inputs (check results, admin state,
+//! draining) and the decision memory (fencing timelines, primary WAL history, lag hysteresis) into
+//! the next `View` and the transitions worth logging. No I/O, no clock but the `now` passed in:
+//! the control task (`control`) owns the state and calls it after every event.
+//!
+//! Its parts: `decide_roles` fences stale primaries by timeline; `LsnHistory` measures replica
+//! time lag on pglb's own clock; `read_eligible` keeps replicas from flapping at the lag limits.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
-
-use crate::backend::{self, AdminState, Backend, PortRole, Role};
-use crate::config::{Balance, Config};
+use crate::backend::health::HealthState;
+use crate::backend::probe::{ProbeError, ProbeReport};
+use crate::backend::Role;
+use crate::config::{BackendConfig, Config};
 use crate::pg::Lsn;
-
+use crate::view::{unix, AdminState, BackendView, Condition, Listen, Status, View};
 /// One backend's inputs to the role decision.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeView {
@@ -145,464 +141,377 @@ pub fn read_eligible(
     }
 }
 
-/// The routing decision as a snapshot. Compared by backend names so that sessions only wake up
-/// when routing really changed.
-#[derive(Debug, Clone, Default)]
-pub struct RoutingTable {
-    pub primary: Option<Arc<Backend>>,
-    /// Replicas that may take new read sessions, in config order.
-    pub readers: Vec<Arc<Backend>>,
-    pub fallback_to_primary: bool,
-    pub balance: Balance,
-    pub close_on_writer_change: bool,
-    /// Backends whose open sessions must be closed now (disabled, or removed and past
-    /// `drain_timeout`).
-    pub cut: Vec<String>,
-    /// Every backend a CancelRequest may need to reach (configured plus draining).
-    pub all: Vec<Arc<Backend>>,
+/// One backend's inputs to the routing decision, as the control task keeps them.
+#[derive(Debug, Clone)]
+pub struct BackendState {
+    pub config: BackendConfig,
+    pub health: HealthState,
+    pub report: Option<ProbeReport>,
+    pub last_error: Option<ProbeError>,
+    /// A fresh login refused while the kept check connection answered (cleared by a login that
+    /// works).
+    pub login_error: Option<ProbeError>,
+    pub last_check: Option<SystemTime>,
+    /// When up/down last changed.
+    pub since: Instant,
+    pub admin: AdminState,
+    /// Removed from the config: open sessions drain until this deadline, then are cut.
+    pub drain_until: Option<Instant>,
 }
 
-fn names(v: &[Arc<Backend>]) -> Vec<&str> {
-    v.iter().map(|b| b.name.as_str()).collect()
-}
-
-impl PartialEq for RoutingTable {
-    fn eq(&self, o: &Self) -> bool {
-        self.primary.as_ref().map(|b| &b.name) == o.primary.as_ref().map(|b| &b.name)
-            && names(&self.readers) == names(&o.readers)
-            && self.fallback_to_primary == o.fallback_to_primary
-            && self.balance == o.balance
-            && self.close_on_writer_change == o.close_on_writer_change
-            && self.cut == o.cut
-            && names(&self.all) == names(&o.all)
-    }
-}
-
-impl RoutingTable {
-    /// Backends to try for a new session on `port`, best first.
-    pub fn candidates(&self, port: PortRole, rr: &AtomicUsize) -> Vec<Arc<Backend>> {
-        match port {
-            PortRole::Write => self.primary.iter().cloned().collect(),
-            PortRole::Read => {
-                let mut out = order_readers(&self.readers, self.balance, rr);
-                if self.fallback_to_primary {
-                    out.extend(self.primary.iter().cloned());
-                }
-                out
-            }
+impl BackendState {
+    pub fn new(config: BackendConfig, now: Instant) -> Self {
+        BackendState {
+            config,
+            health: HealthState::default(),
+            report: None,
+            last_error: None,
+            login_error: None,
+            last_check: None,
+            since: now,
+            admin: AdminState::Enabled,
+            drain_until: None,
         }
     }
 
-    /// Whether an open session on `port` to `backend` may go on.
-    pub fn keeps(&self, port: PortRole, backend: &str) -> bool {
-        if self.cut.iter().any(|n| n == backend) {
-            return false;
-        }
-        match port {
-            PortRole::Write if self.close_on_writer_change => {
-                self.primary.as_ref().is_some_and(|p| p.name == backend)
-            }
-            _ => true,
-        }
+    pub fn name(&self) -> &str {
+        &self.config.name
     }
 }
 
-/// Orders readers by the balance algorithm, honouring weights. The first is the choice; the rest
-/// are the fallbacks if it refuses the connection.
-fn order_readers(
-    readers: &[Arc<Backend>],
-    balance: Balance,
-    rr: &AtomicUsize,
-) -> Vec<Arc<Backend>> {
-    if readers.is_empty() {
-        return Vec::new();
-    }
-    let tick = rr.fetch_add(1, Ordering::Relaxed);
-    let n = readers.len();
-    match balance {
-        Balance::Leastconn => {
-            // Rotate first so that ties (the common case with short sessions) spread evenly.
-            let mut v: Vec<_> = (0..n).map(|i| readers[(i + tick) % n].clone()).collect();
-            v.sort_by(|a, b| {
-                let wa = a.config().weight.max(1) as u128;
-                let wb = b.config().weight.max(1) as u128;
-                // a.active / wa  vs  b.active / wb, without floats.
-                (a.counters(PortRole::Read).active.load(Ordering::Relaxed) as u128 * wb)
-                    .cmp(&(b.counters(PortRole::Read).active.load(Ordering::Relaxed) as u128 * wa))
-            });
-            v
-        }
-        Balance::Roundrobin => {
-            let weights: Vec<u64> = readers
-                .iter()
-                .map(|b| b.config().weight.max(1) as u64)
-                .collect();
-            let total: u64 = weights.iter().sum();
-            let mut slot = tick as u64 % total;
-            let mut first = 0;
-            for (i, w) in weights.iter().enumerate() {
-                if slot < *w {
-                    first = i;
-                    break;
-                }
-                slot -= w;
-            }
-            (0..n).map(|i| readers[(first + i) % n].clone()).collect()
-        }
-    }
+/// What `route` decided about one backend last time (role changes and lag hysteresis).
+#[derive(Debug, Clone)]
+struct Decided {
+    role: Role,
+    since: Instant,
+    read_eligible: bool,
 }
 
-struct Retired {
-    backend: Arc<Backend>,
-    deadline: Instant,
-}
-
-#[derive(Default)]
-struct DecisionState {
+/// The decision memory, kept by the control task across calls to `route`.
+#[derive(Debug, Default)]
+pub struct Memory {
     fence: FenceMemory,
     history: LsnHistory,
-    /// When the two-primaries error was last logged (repeated once per check interval).
-    conflict_logged: Option<Instant>,
+    /// When the two-primaries error was last reported (repeated once per check interval).
+    conflict_reported: Option<Instant>,
     last_primary: Option<String>,
+    decided: HashMap<String, Decided>,
 }
 
-/// Owns the backends, their checkers, and the routing table.
-pub struct Cluster {
-    config: ArcSwap<Config>,
-    backends: ArcSwap<Vec<Arc<Backend>>>,
-    retired: Mutex<Vec<Retired>>,
-    checkers: Mutex<HashMap<String, CancellationToken>>,
-    state: Mutex<DecisionState>,
-    routing: watch::Sender<Arc<RoutingTable>>,
-    generation: AtomicU64,
-    pub rr: AtomicUsize,
-    /// Notified whenever a session ends, so sessions queued for a full backend re-check.
-    pub slot_freed: Arc<tokio::sync::Notify>,
-    token: CancellationToken,
-    tracker: TaskTracker,
+/// A change worth a log line, as `route` saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    /// Two writable servers on the newest timeline: no writes until one is gone. Repeated once
+    /// per check interval while it lasts.
+    Conflict {
+        conflict: String,
+        servers: Vec<String>,
+    },
+    ConflictResolved,
+    Primary {
+        now: Option<String>,
+        previous: Option<String>,
+    },
+    Role {
+        backend: String,
+        from: Role,
+        to: Role,
+        timeline: Option<u32>,
+    },
+    Lag {
+        backend: String,
+        eligible: bool,
+        lag_bytes: Option<u64>,
+        lag_seconds: Option<f64>,
+        max_lag: u64,
+        max_lag_seconds: f64,
+    },
 }
 
-/// What `apply` changed, for logs and the reload result.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ConfigDiff {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    pub changed: Vec<String>,
-}
+/// Decides the next View: roles (fencing), the primary, each replica's lag and read eligibility,
+/// and which backends' sessions are cut. `states` are the configured backends in config order,
+/// then the removed ones still draining; the View's `backends` are in the same order. The
+/// runtime parts of the View (handles, config, generation) are the caller's to fill in.
+pub fn route(
+    cfg: &Config,
+    states: &[&BackendState],
+    memory: &mut Memory,
+    now: Instant,
+) -> (View, Vec<Transition>) {
+    let mut transitions = Vec::new();
+    let configured: Vec<&BackendState> = states
+        .iter()
+        .copied()
+        .filter(|s| s.drain_until.is_none())
+        .collect();
+    let views: Vec<NodeView> = configured
+        .iter()
+        .map(|s| NodeView {
+            up: s.health.is_up(),
+            in_recovery: s.report.as_ref().is_some_and(|r| r.in_recovery),
+            timeline: s.report.as_ref().and_then(|r| r.timeline),
+            system_id: s.report.as_ref().and_then(|r| r.system_id),
+        })
+        .collect();
 
-impl Cluster {
-    /// Creates the cluster and starts checking every configured backend.
-    pub fn start(config: Config, token: CancellationToken, tracker: TaskTracker) -> Arc<Self> {
-        let (routing, _) = watch::channel(Arc::new(RoutingTable::default()));
-        let c = Arc::new(Cluster {
-            config: ArcSwap::from_pointee(config.clone()),
-            backends: ArcSwap::from_pointee(Vec::new()),
-            retired: Mutex::new(Vec::new()),
-            checkers: Mutex::new(HashMap::new()),
-            state: Mutex::new(DecisionState::default()),
-            routing,
-            generation: AtomicU64::new(0),
-            rr: AtomicUsize::new(0),
-            slot_freed: Arc::new(tokio::sync::Notify::new()),
-            token,
-            tracker,
-        });
-        c.apply(config);
-        c
+    let decision = decide_roles(&views, &mut memory.fence);
+    match (&decision.conflict, memory.conflict_reported) {
+        (Some(c), last) if last.is_none_or(|t| now.duration_since(t) >= cfg.check.interval) => {
+            let servers = decision
+                .roles
+                .iter()
+                .zip(&configured)
+                .zip(&views)
+                .filter(|((r, _), v)| **r == Role::Fenced && v.up && !v.in_recovery)
+                .map(|((_, s), v)| format!("{} (timeline {})", s.name(), v.timeline.unwrap_or(0)))
+                .collect();
+            transitions.push(Transition::Conflict {
+                conflict: c.clone(),
+                servers,
+            });
+            memory.conflict_reported = Some(now);
+        }
+        (None, Some(_)) => {
+            transitions.push(Transition::ConflictResolved);
+            memory.conflict_reported = None;
+        }
+        _ => {}
     }
 
-    pub fn config(&self) -> Arc<Config> {
-        self.config.load_full()
+    let primary_pos = decision
+        .primary
+        .and_then(|i| configured[i].report.as_ref().and_then(|r| r.current_lsn));
+    let primary_sysid = decision.primary.and_then(|i| views[i].system_id);
+    if let Some(lsn) = primary_pos {
+        memory.history.push(now, lsn);
     }
-
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
-    }
-
-    pub fn backends(&self) -> Arc<Vec<Arc<Backend>>> {
-        self.backends.load_full()
-    }
-
-    /// Backends removed from the config whose sessions are still draining.
-    pub fn draining(&self) -> Vec<Arc<Backend>> {
-        lock(&self.retired)
+    // Without a primary, replica byte lag is measured against the most advanced server.
+    let reference = primary_pos.or_else(|| {
+        configured
             .iter()
-            .map(|r| r.backend.clone())
-            .collect()
+            .filter(|s| s.health.is_up())
+            .filter_map(|s| s.report.as_ref().and_then(|r| r.position()))
+            .max()
+    });
+    let new_primary = decision.primary.map(|i| configured[i].name().to_string());
+    if new_primary != memory.last_primary {
+        transitions.push(Transition::Primary {
+            now: new_primary.clone(),
+            previous: memory.last_primary.take(),
+        });
+        memory.last_primary = new_primary;
     }
 
-    pub fn find(&self, name: &str) -> Option<Arc<Backend>> {
-        self.backends().iter().find(|b| b.name == name).cloned()
-    }
+    let mut view = View {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        config_file: cfg.path.display().to_string(),
+        fallback_to_primary: cfg.read.fallback_to_primary,
+        listen: Listen {
+            write: cfg.listen.write.to_string(),
+            read: cfg.listen.read.to_string(),
+            stats: cfg.listen.stats.to_string(),
+        },
+        ..Default::default()
+    };
+    view.routing.balance = cfg.read.balance;
+    view.routing.close_on_writer_change = cfg.proxy.close_on_writer_change;
 
-    pub fn routing(&self) -> Arc<RoutingTable> {
-        self.routing.borrow().clone()
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<Arc<RoutingTable>> {
-        self.routing.subscribe()
-    }
-
-    /// Applies a validated config: new backends start checking, removed ones drain, changed
-    /// ones take their new address and weight, settings apply to the next decision. Backend
-    /// state (health, admin state, counters) carries over by name.
-    pub fn apply(self: &Arc<Self>, config: Config) -> ConfigDiff {
-        let mut diff = ConfigDiff::default();
-        let old = self.backends();
-        let drain_timeout = config.proxy.drain_timeout;
-        let mut next = Vec::with_capacity(config.backends.len());
-        {
-            let mut retired = lock(&self.retired);
-            for bc in &config.backends {
-                let existing = old.iter().find(|b| b.name == bc.name).cloned().or_else(|| {
-                    // Re-added while still draining: keep its sessions and counters.
-                    let pos = retired.iter().position(|r| r.backend.name == bc.name)?;
-                    let b = retired.remove(pos).backend;
-                    b.set_retired(false);
-                    Some(b)
+    let mut ci = 0;
+    for (i, s) in states.iter().enumerate() {
+        let draining = s.drain_until.is_some();
+        let role = if draining {
+            memory
+                .decided
+                .get(s.name())
+                .map_or(Role::Unknown, |d| d.role)
+        } else {
+            decision.roles[ci]
+        };
+        let sysid = if draining { None } else { views[ci].system_id };
+        let is_primary = !draining && decision.primary == Some(ci);
+        if !draining {
+            ci += 1;
+        }
+        let decided = memory
+            .decided
+            .entry(s.name().to_string())
+            .or_insert(Decided {
+                role: Role::Unknown,
+                since: s.since,
+                read_eligible: true,
+            });
+        if decided.role != role && !draining {
+            if s.health.is_up() {
+                transitions.push(Transition::Role {
+                    backend: s.name().to_string(),
+                    from: decided.role,
+                    to: role,
+                    timeline: s.report.as_ref().and_then(|r| r.timeline),
                 });
-                match existing {
-                    Some(b) => {
-                        if *b.config() != *bc {
-                            diff.changed.push(bc.name.clone());
-                            b.set_config(bc.clone());
-                        }
-                        next.push(b);
-                    }
-                    None => {
-                        diff.added.push(bc.name.clone());
-                        next.push(Backend::new(bc.clone()));
-                    }
-                }
             }
-            for b in old.iter() {
-                if !config.backends.iter().any(|bc| bc.name == b.name) {
-                    diff.removed.push(b.name.clone());
-                    b.set_retired(true);
-                    retired.push(Retired {
-                        backend: b.clone(),
-                        deadline: Instant::now() + drain_timeout,
-                    });
-                }
-            }
+            decided.role = role;
+            decided.since = now;
         }
-        self.config.store(Arc::new(config));
-        // Order matters: checkers for new backends first, then one swap of the backend list and
-        // the routing table, then stop checkers of removed ones.
-        for b in &next {
-            self.ensure_checker(b);
-        }
-        self.backends.store(Arc::new(next));
-        self.generation.fetch_add(1, Ordering::Relaxed);
-        self.recompute();
-        {
-            let mut checkers = lock(&self.checkers);
-            for name in &diff.removed {
-                if let Some(t) = checkers.remove(name) {
-                    t.cancel();
-                }
-            }
-        }
-        diff
-    }
 
-    fn ensure_checker(self: &Arc<Self>, b: &Arc<Backend>) {
-        let mut checkers = lock(&self.checkers);
-        if checkers.contains_key(&b.name) {
-            return;
+        let mut lag_bytes = None;
+        let mut lag_seconds = None;
+        let mut eligible = false;
+        if role == Role::Replica && !draining {
+            let replayed = s.report.as_ref().and_then(|r| r.position());
+            if let (Some(reference), Some(replayed)) = (reference, replayed) {
+                lag_bytes = Some(replayed.bytes_until(reference));
+            }
+            if let (Some(_), Some(replayed)) = (primary_pos, replayed) {
+                lag_seconds = Some(memory.history.lag_seconds(replayed, now));
+            }
+            let same_cluster = match (primary_sysid, sysid) {
+                (Some(p), Some(r)) => p == r,
+                _ => true,
+            };
+            eligible = same_cluster
+                && read_eligible(
+                    decided.read_eligible,
+                    lag_bytes,
+                    lag_seconds,
+                    cfg.read.max_lag,
+                    cfg.read.max_lag_time,
+                );
+            if eligible != decided.read_eligible {
+                transitions.push(Transition::Lag {
+                    backend: s.name().to_string(),
+                    eligible,
+                    lag_bytes,
+                    lag_seconds,
+                    max_lag: cfg.read.max_lag,
+                    max_lag_seconds: cfg.read.max_lag_time.as_secs_f64(),
+                });
+            }
+            if eligible && s.admin == AdminState::Enabled {
+                view.routing.readers.push(i);
+                view.readers.push(s.name().to_string());
+            }
         }
-        let token = self.token.child_token();
-        checkers.insert(b.name.clone(), token.clone());
-        let weak = Arc::downgrade(self);
-        let weak2 = weak.clone();
-        let fallback = self.config();
-        self.tracker.spawn(backend::run_checker(
-            b.clone(),
-            move || {
-                weak.upgrade()
-                    .map(|c| c.config())
-                    .unwrap_or(fallback.clone())
-            },
-            move || {
-                if let Some(c) = weak2.upgrade() {
-                    c.recompute();
-                }
-            },
-            token,
+        if !draining {
+            // Keep the hysteresis memory only while it means something.
+            decided.read_eligible = if role == Role::Replica {
+                eligible
+            } else {
+                true
+            };
+        }
+        if is_primary && s.admin == AdminState::Enabled {
+            view.routing.primary = Some(i);
+            view.primary = Some(s.name().to_string());
+        }
+        // Open write sessions end only on evidence that their server stopped being the primary
+        // (it reports recovery, is fenced, another server is the primary, it is disabled or
+        // removed): failed checks alone (a busy or full server) are no evidence, and a server
+        // that really died ends its sessions through TCP.
+        let last_known_primary = || {
+            let Some(r) = &s.report else { return false };
+            let newest = memory
+                .fence
+                .get(&r.system_id.unwrap_or(0))
+                .copied()
+                .unwrap_or(0);
+            !r.in_recovery && r.timeline.unwrap_or(0) >= newest
+        };
+        let keep_writes = !draining
+            && s.admin != AdminState::Disabled
+            && (is_primary
+                || (!s.health.is_up()
+                    && decision.primary.is_none()
+                    && decision.conflict.is_none()
+                    && last_known_primary()));
+        if keep_writes {
+            view.routing.keep_writes.push(s.name().to_string());
+        }
+        let cut = match s.drain_until {
+            Some(deadline) => now >= deadline,
+            None => s.admin == AdminState::Disabled,
+        };
+        if cut {
+            view.routing.cut.push(s.name().to_string());
+        }
+        view.backends.push(backend_view(
+            s,
+            role,
+            eligible,
+            lag_bytes,
+            lag_seconds,
+            s.since.max(decided.since),
         ));
     }
-
-    /// Recomputes roles, lag and eligibility from the latest check results and publishes the
-    /// routing table if it changed. Cheap; called after every check and every config change.
-    pub fn recompute(&self) {
-        let cfg = self.config();
-        let backends = self.backends();
-        let now = Instant::now();
-        let statuses: Vec<_> = backends.iter().map(|b| b.status()).collect();
-        let views: Vec<NodeView> = statuses
-            .iter()
-            .map(|s| NodeView {
-                up: s.health.is_up(),
-                in_recovery: s.report.as_ref().is_some_and(|r| r.in_recovery),
-                timeline: s.report.as_ref().and_then(|r| r.timeline),
-                system_id: s.report.as_ref().and_then(|r| r.system_id),
-            })
-            .collect();
-
-        let mut st = lock(&self.state);
-        let decision = decide_roles(&views, &mut st.fence);
-        match (&decision.conflict, st.conflict_logged) {
-            (Some(c), last) if last.is_none_or(|t| now.duration_since(t) >= cfg.check.interval) => {
-                let who: Vec<_> = decision
-                    .roles
-                    .iter()
-                    .zip(backends.iter())
-                    .zip(views.iter())
-                    .filter(|((r, _), v)| **r == Role::Fenced && v.up && !v.in_recovery)
-                    .map(|((_, b), v)| format!("{} (timeline {})", b.name, v.timeline.unwrap_or(0)))
-                    .collect();
-                error!(conflict = %c, servers = ?who, "two writable primaries on the same timeline: refusing writes until one is gone");
-                st.conflict_logged = Some(now);
-            }
-            (None, Some(_)) => {
-                info!("primary conflict resolved");
-                st.conflict_logged = None;
-            }
-            _ => {}
-        }
-        let primary = decision.primary.map(|i| backends[i].clone());
-        let primary_pos = decision
-            .primary
-            .and_then(|i| statuses[i].report.as_ref().and_then(|r| r.current_lsn));
-        let primary_sysid = decision.primary.and_then(|i| views[i].system_id);
-        if let Some(lsn) = primary_pos {
-            st.history.push(now, lsn);
-        }
-        let reference = primary_pos.or_else(|| {
-            statuses
-                .iter()
-                .filter(|s| s.health.is_up())
-                .filter_map(|s| s.report.as_ref().and_then(|r| r.position()))
-                .max()
-        });
-        let new_primary = primary.as_ref().map(|p| p.name.clone());
-        if new_primary != st.last_primary {
-            match &new_primary {
-                Some(p) => info!(backend = %p, "primary is now {p}"),
-                None => warn!(previous = ?st.last_primary, "no primary available"),
-            }
-            st.last_primary = new_primary;
-        }
-
-        let mut readers = Vec::new();
-        for (i, b) in backends.iter().enumerate() {
-            let role = decision.roles[i];
-            let s = &statuses[i];
-            let mut lag_bytes = None;
-            let mut lag_seconds = None;
-            let mut eligible = false;
-            if role == Role::Replica {
-                let replayed = s.report.as_ref().and_then(|r| r.position());
-                if let (Some(reference), Some(replayed)) = (reference, replayed) {
-                    lag_bytes = Some(replayed.bytes_until(reference));
-                }
-                if let (Some(_), Some(replayed)) = (primary_pos, replayed) {
-                    lag_seconds = Some(st.history.lag_seconds(replayed, now));
-                }
-                let same_cluster = match (primary_sysid, views[i].system_id) {
-                    (Some(p), Some(r)) => p == r,
-                    _ => true,
-                };
-                eligible = same_cluster
-                    && read_eligible(
-                        s.read_eligible,
-                        lag_bytes,
-                        lag_seconds,
-                        cfg.read.max_lag,
-                        cfg.read.max_lag_time,
-                    );
-                if eligible != s.read_eligible {
-                    if eligible {
-                        info!(backend = %b.name, lag_bytes, lag_seconds, "replica back within lag limits: takes reads again");
-                    } else {
-                        warn!(backend = %b.name, lag_bytes, lag_seconds, max_lag = cfg.read.max_lag, max_lag_seconds = cfg.read.max_lag_time.as_secs_f64(), "replica over lag limits: no new read sessions");
-                    }
-                }
-                if eligible && b.admin_state() == AdminState::Enabled {
-                    readers.push(b.clone());
-                }
-            }
-            b.with_status(|bs| {
-                if bs.role != role {
-                    if bs.health.is_up() {
-                        if role == Role::Fenced {
-                            warn!(backend = %b.name, from = bs.role.as_str(), timeline = ?views[i].timeline, "backend fenced: writable but not the newest primary");
-                        } else {
-                            info!(backend = %b.name, from = bs.role.as_str(), to = role.as_str(), "role changed");
-                        }
-                    }
-                    bs.role = role;
-                    bs.since = now;
-                }
-                // Keep the hysteresis memory only while it means something.
-                bs.read_eligible = if role == Role::Replica { eligible } else { true };
-                bs.lag_bytes = lag_bytes;
-                bs.lag_seconds = lag_seconds;
-            });
-        }
-        drop(st);
-
-        let primary = primary.filter(|p| p.admin_state() == AdminState::Enabled);
-        let mut cut: Vec<String> = backends
-            .iter()
-            .filter(|b| b.admin_state() == AdminState::Disabled)
-            .map(|b| b.name.clone())
-            .collect();
-        let mut all: Vec<Arc<Backend>> = backends.iter().cloned().collect();
-        {
-            let mut retired = lock(&self.retired);
-            // Forget a removed backend once its last session is gone.
-            retired.retain(|r| r.backend.active_sessions() > 0);
-            for r in retired.iter() {
-                all.push(r.backend.clone());
-                if now >= r.deadline {
-                    cut.push(r.backend.name.clone());
-                }
-            }
-        }
-        let table = RoutingTable {
-            primary,
-            readers,
-            fallback_to_primary: cfg.read.fallback_to_primary,
-            balance: cfg.read.balance,
-            close_on_writer_change: cfg.proxy.close_on_writer_change,
-            cut,
-            all,
-        };
-        self.routing.send_if_modified(|cur| {
-            if **cur == table {
-                false
-            } else {
-                *cur = Arc::new(table);
-                true
-            }
-        });
-    }
-
-    /// Check settings of the current config, for sessions reporting connect failures.
-    pub fn rise_fall(&self) -> (u32, u32) {
-        let c = self.config();
-        (c.check.rise, c.check.fall)
-    }
+    // Forget what was decided about backends that are gone for good.
+    memory
+        .decided
+        .retain(|name, _| states.iter().any(|s| s.name() == name));
+    (view, transitions)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+fn backend_view(
+    s: &BackendState,
+    role: Role,
+    read_eligible: bool,
+    lag_bytes: Option<u64>,
+    lag_seconds: Option<f64>,
+    since: Instant,
+) -> BackendView {
+    let state = if s.drain_until.is_some() || s.admin == AdminState::Drain {
+        Status::Draining
+    } else if s.admin == AdminState::Disabled {
+        Status::Disabled
+    } else if s.health.is_up() {
+        Status::Up
+    } else {
+        Status::Down
+    };
+    let r = s.report.as_ref();
+    BackendView {
+        name: s.name().to_string(),
+        address: s.config.address.clone(),
+        weight: s.config.weight,
+        maxconn: s.config.maxconn,
+        role,
+        state,
+        condition: if !s.health.is_up() {
+            Condition::Down
+        } else if let Some(e) = &s.login_error {
+            if e.code() == Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS) {
+                Condition::Full
+            } else {
+                Condition::LoginRefused
+            }
+        } else if s.last_error.is_some() {
+            Condition::Suspect
+        } else {
+            Condition::Ok
+        },
+        login_error: s.login_error.as_ref().map(|e| e.to_string()),
+        admin_state: s.admin,
+        seconds_since_change: 0.0,
+        in_recovery: r.map(|r| r.in_recovery),
+        timeline: r.and_then(|r| r.timeline),
+        system_id: r.and_then(|r| r.system_id).map(|s| s.to_string()),
+        lsn: r.and_then(|r| r.position()).map(|l| l.to_string()),
+        receive_lsn: r.and_then(|r| r.receive_lsn).map(|l| l.to_string()),
+        lag_bytes,
+        lag_seconds,
+        read_eligible: role == Role::Replica && read_eligible,
+        streaming: r.and_then(|r| r.streaming),
+        check_latency_ms: r.map(|r| r.latency.as_secs_f64() * 1000.0),
+        last_check_unix: s.last_check.and_then(unix),
+        last_error: s.last_error.as_ref().map(|e| e.to_string()),
+        last_error_kind: s.last_error.as_ref().map(|e| e.kind().to_string()),
+        since: Some(since),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::PortRole;
 
     fn primary(tl: u32, sysid: u64) -> NodeView {
         NodeView {
@@ -708,82 +617,228 @@ mod tests {
         );
     }
 
-    fn backends(n: usize) -> Vec<Arc<Backend>> {
-        (0..n)
-            .map(|i| {
-                Backend::new(crate::config::BackendConfig {
-                    name: format!("b{i}"),
-                    address: "127.0.0.1:1".into(),
-                    weight: if i == 0 { 3 } else { 1 },
-                    priority: 100,
-                    no_failover: false,
-                    maxconn: 0,
-                })
-            })
-            .collect()
+    fn cfg() -> Config {
+        Config::parse(
+            std::path::Path::new("lb.toml"),
+            "[check]\nuser = \"c\"\n[[backend]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n",
+        )
+        .expect("a minimal config parses")
     }
 
-    #[test]
-    fn roundrobin_honours_weights() {
-        let bs = backends(2);
-        let rr = AtomicUsize::new(0);
-        let mut counts = [0; 2];
-        for _ in 0..400 {
-            let first = &order_readers(&bs, Balance::Roundrobin, &rr)[0];
-            counts[if first.name == "b0" { 0 } else { 1 }] += 1;
+    fn state(name: &str, up: bool, report: Option<ProbeReport>, t0: Instant) -> BackendState {
+        let mut s = BackendState::new(
+            BackendConfig {
+                name: name.into(),
+                address: "127.0.0.1:1".into(),
+                weight: 1,
+                priority: 100,
+                no_failover: false,
+                maxconn: 0,
+            },
+            t0,
+        );
+        if up {
+            s.health.record(true, 1, 1);
         }
-        assert_eq!(counts, [300, 100]);
+        s.report = report;
+        s
     }
 
-    #[test]
-    fn leastconn_prefers_fewer_sessions_per_weight() {
-        let bs = backends(2);
-        let rr = AtomicUsize::new(0);
-        // b0 (weight 3) has 2 sessions, b1 (weight 1) has 1: 2/3 < 1/1, b0 first.
-        bs[0]
-            .counters(PortRole::Read)
-            .active
-            .store(2, Ordering::Relaxed);
-        bs[1]
-            .counters(PortRole::Read)
-            .active
-            .store(1, Ordering::Relaxed);
-        for _ in 0..4 {
-            assert_eq!(order_readers(&bs, Balance::Leastconn, &rr)[0].name, "b0");
+    fn report(in_recovery: bool, tl: u32, lsn: u64) -> ProbeReport {
+        ProbeReport {
+            in_recovery,
+            current_lsn: (!in_recovery).then_some(Lsn(lsn)),
+            receive_lsn: in_recovery.then_some(Lsn(lsn)),
+            replay_lsn: in_recovery.then_some(Lsn(lsn)),
+            replay_age_seconds: None,
+            timeline: Some(tl),
+            system_id: Some(7),
+            streaming: Some(in_recovery),
+            latency: Duration::from_millis(1),
         }
-        bs[0]
-            .counters(PortRole::Read)
-            .active
-            .store(4, Ordering::Relaxed);
-        assert_eq!(order_readers(&bs, Balance::Leastconn, &rr)[0].name, "b1");
     }
 
     #[test]
-    fn leastconn_ties_alternate() {
-        let bs = backends(2);
-        let rr = AtomicUsize::new(0);
-        let a = order_readers(&bs, Balance::Leastconn, &rr)[0].name.clone();
-        let b = order_readers(&bs, Balance::Leastconn, &rr)[0].name.clone();
-        assert_ne!(a, b);
+    fn route_names_the_primary_and_the_readers() {
+        let t0 = Instant::now();
+        let states = [
+            state("p", true, Some(report(false, 1, 1000)), t0),
+            state("r1", true, Some(report(true, 1, 1000)), t0),
+            state("r2", false, None, t0),
+        ];
+        let refs: Vec<_> = states.iter().collect();
+        let mut m = Memory::default();
+        let (v, t) = route(&cfg(), &refs, &mut m, t0);
+        assert_eq!(v.primary.as_deref(), Some("p"));
+        assert_eq!(v.readers, ["r1"]);
+        assert_eq!(v.routing.primary, Some(0));
+        assert_eq!(v.routing.readers, [1]);
+        assert_eq!(v.backends[2].state, Status::Down);
+        assert_eq!(v.backends[1].lag_bytes, Some(0));
+        assert!(t.contains(&Transition::Primary {
+            now: Some("p".into()),
+            previous: None
+        }));
+        // Nothing changed: nothing to log.
+        let (_, t) = route(&cfg(), &refs, &mut m, t0 + Duration::from_secs(1));
+        assert!(t.is_empty(), "{t:?}");
     }
 
     #[test]
-    fn write_sessions_are_kept_only_on_the_primary() {
-        let bs = backends(2);
-        let t = RoutingTable {
-            primary: Some(bs[0].clone()),
-            close_on_writer_change: true,
-            ..Default::default()
+    fn a_disabled_backend_is_cut_and_a_drained_primary_takes_no_writes() {
+        let t0 = Instant::now();
+        let mut states = [
+            state("p", true, Some(report(false, 1, 1000)), t0),
+            state("r1", true, Some(report(true, 1, 1000)), t0),
+        ];
+        states[0].admin = AdminState::Drain;
+        states[1].admin = AdminState::Disabled;
+        let refs: Vec<_> = states.iter().collect();
+        let (v, _) = route(&cfg(), &refs, &mut Memory::default(), t0);
+        assert_eq!(v.primary, None);
+        assert!(v.readers.is_empty());
+        assert_eq!(v.routing.cut, ["r1"]);
+        assert_eq!(v.backends[0].state, Status::Draining);
+        assert_eq!(v.backends[1].state, Status::Disabled);
+    }
+
+    #[test]
+    fn a_removed_backend_drains_then_is_cut() {
+        let t0 = Instant::now();
+        let mut states = [
+            state("p", true, Some(report(false, 1, 1000)), t0),
+            state("gone", true, Some(report(true, 1, 1000)), t0),
+        ];
+        states[1].drain_until = Some(t0 + Duration::from_secs(5));
+        let refs: Vec<_> = states.iter().collect();
+        let mut m = Memory::default();
+        let (v, _) = route(&cfg(), &refs, &mut m, t0);
+        assert_eq!(v.backends[1].state, Status::Draining);
+        assert!(v.readers.is_empty());
+        assert!(v.routing.cut.is_empty());
+        let (v, _) = route(&cfg(), &refs, &mut m, t0 + Duration::from_secs(5));
+        assert_eq!(v.routing.cut, ["gone"]);
+    }
+
+    #[test]
+    fn a_lagging_replica_leaves_and_comes_back_with_hysteresis() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let max = c.read.max_lag;
+        let mut m = Memory::default();
+        let at = |lag: u64| {
+            [
+                state("p", true, Some(report(false, 1, 10 * max)), t0),
+                state("r", true, Some(report(true, 1, 10 * max - lag)), t0),
+            ]
         };
-        assert!(t.keeps(PortRole::Write, "b0"));
-        assert!(!t.keeps(PortRole::Write, "b1"));
-        assert!(t.keeps(PortRole::Read, "b1"));
-        let t = RoutingTable {
-            close_on_writer_change: false,
-            cut: vec!["b1".into()],
-            ..t
+        let run = |m: &mut Memory, lag: u64| {
+            let s = at(lag);
+            let refs: Vec<_> = s.iter().collect();
+            route(&c, &refs, m, t0)
         };
-        assert!(t.keeps(PortRole::Write, "b0"));
-        assert!(!t.keeps(PortRole::Read, "b1"));
+        assert_eq!(run(&mut m, 0).0.readers, ["r"]);
+        let (v, t) = run(&mut m, max + 1);
+        assert!(v.readers.is_empty());
+        assert!(
+            matches!(
+                t[0],
+                Transition::Lag {
+                    eligible: false,
+                    ..
+                }
+            ),
+            "{t:?}"
+        );
+        // Under the limit but not under half of it: still out.
+        assert!(run(&mut m, max - 1).0.readers.is_empty());
+        assert_eq!(run(&mut m, max / 2).0.readers, ["r"]);
+    }
+
+    #[test]
+    fn two_primaries_are_reported_once_per_interval() {
+        let t0 = Instant::now();
+        let states = [
+            state("a", true, Some(report(false, 3, 1000)), t0),
+            state("b", true, Some(report(false, 3, 1000)), t0),
+        ];
+        let refs: Vec<_> = states.iter().collect();
+        let c = cfg();
+        let mut m = Memory::default();
+        let (v, t) = route(&c, &refs, &mut m, t0);
+        assert_eq!(v.primary, None);
+        assert!(t.iter().any(|t| matches!(t, Transition::Conflict { .. })));
+        let (_, t) = route(&c, &refs, &mut m, t0 + c.check.interval / 2);
+        assert!(!t.iter().any(|t| matches!(t, Transition::Conflict { .. })));
+        let (_, t) = route(&c, &refs, &mut m, t0 + c.check.interval);
+        assert!(t.iter().any(|t| matches!(t, Transition::Conflict { .. })));
+    }
+
+    #[test]
+    fn a_primary_that_stops_answering_keeps_its_write_sessions_until_evidence() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut m = Memory::default();
+        let mut states = [
+            state("p", true, Some(report(false, 1, 1000)), t0),
+            state("r", true, Some(report(true, 1, 1000)), t0),
+        ];
+        let run = |m: &mut Memory, states: &[BackendState]| {
+            let refs: Vec<_> = states.iter().collect();
+            route(&c, &refs, m, t0).0
+        };
+        let v = run(&mut m, &states);
+        assert!(v.keeps(PortRole::Write, "p"));
+        // Checks fail (timeouts, a full server): no primary for new sessions, open ones stay.
+        states[0].health.record(false, 1, 1);
+        states[0].last_error = Some(ProbeError::Timeout(Duration::from_secs(1)));
+        let v = run(&mut m, &states);
+        assert_eq!(v.primary, None);
+        assert_eq!(v.backends[0].condition, Condition::Down);
+        assert!(
+            v.keeps(PortRole::Write, "p"),
+            "failed checks alone cut nothing"
+        );
+        // Evidence: the replica was promoted (newer timeline).
+        states[1].report = Some(report(false, 2, 2000));
+        let v = run(&mut m, &states);
+        assert_eq!(v.primary.as_deref(), Some("r"));
+        assert!(!v.keeps(PortRole::Write, "p"));
+        assert!(v.keeps(PortRole::Write, "r"));
+    }
+
+    #[test]
+    fn a_primary_back_in_recovery_or_disabled_loses_its_write_sessions() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut states = [state("p", true, Some(report(false, 1, 1000)), t0)];
+        states[0].health.record(false, 1, 1);
+        // Its last report says recovery: it is a replica now.
+        states[0].report = Some(report(true, 1, 1000));
+        let refs: Vec<_> = states.iter().collect();
+        let (v, _) = route(&c, &refs, &mut Memory::default(), t0);
+        assert!(!v.keeps(PortRole::Write, "p"));
+        let mut states = [state("p", true, Some(report(false, 1, 1000)), t0)];
+        states[0].admin = AdminState::Disabled;
+        let refs: Vec<_> = states.iter().collect();
+        let (v, _) = route(&c, &refs, &mut Memory::default(), t0);
+        assert!(!v.keeps(PortRole::Write, "p"));
+        // Drain: no new sessions, open ones stay.
+        states[0].admin = AdminState::Drain;
+        let refs: Vec<_> = states.iter().collect();
+        let (v, _) = route(&c, &refs, &mut Memory::default(), t0);
+        assert_eq!(v.primary, None);
+        assert!(v.keeps(PortRole::Write, "p"));
+    }
+
+    #[test]
+    fn a_refused_login_on_a_live_connection_is_full_or_refused_not_down() {
+        let t0 = Instant::now();
+        let mut states = [state("p", true, Some(report(false, 1, 1000)), t0)];
+        states[0].login_error = Some(ProbeError::Timeout(Duration::from_secs(1)));
+        let refs: Vec<_> = states.iter().collect();
+        let (v, _) = route(&cfg(), &refs, &mut Memory::default(), t0);
+        assert_eq!(v.backends[0].condition, Condition::LoginRefused);
+        assert_eq!(v.primary.as_deref(), Some("p"));
     }
 }

@@ -502,6 +502,8 @@ async fn encryption_request_without_backend_gets_n_then_pglb_fatal() {
         weight: None,
     }])
     .set("read", "fallback_to_primary", false)
+    // The refusal itself is under test, not the wait for a backend (tests/busy.rs).
+    .set("proxy", "wait_for_backend", "0s")
     .start();
     lb.wait_stats(T, "pg-gone down and no primary", |s| {
         s.primary.is_none() && s.try_backend("pg-gone").is_some_and(|b| b.state == "down")
@@ -587,13 +589,7 @@ fn start_writer(
 }
 
 fn lag_seconds(lb: &Pglb, name: &str) -> Option<f64> {
-    let doc = lb.stats_json().ok()?;
-    doc["backends"]
-        .as_array()?
-        .iter()
-        .find(|b| b["name"] == name)?
-        .get("lag_seconds")?
-        .as_f64()
+    lb.stats().ok()?.try_backend(name)?.lag_seconds
 }
 
 /// `max_lag` out of reach, `max_lag_time = 1s`: a replica whose replay is paused while the
@@ -647,7 +643,7 @@ async fn replica_behind_max_lag_time_leaves_the_read_pool_and_comes_back() {
     assert!(
         lag_seconds(&lb, "pg-1").is_some_and(|t| t > 1.0),
         "pg-1's lag_seconds should be over 1s: {:?}",
-        lb.stats_json()
+        lb.stats().map(|s| s.raw)
     );
     lb.wait_log(T, "replica over lag limits").await;
 

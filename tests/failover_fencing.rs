@@ -48,7 +48,7 @@ async fn promoted_replica_takes_writes_and_old_primary_is_fenced() {
     }
     assert_eq!(
         s.backend("pg-1").timeline,
-        Some(new.timeline() as i64),
+        Some(new.timeline()),
         "{}",
         s.raw
     );

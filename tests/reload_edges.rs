@@ -114,7 +114,7 @@ async fn configmap_symlink_swap_is_applied() {
     let v0: serde_json::Value = serde_json::from_str(&s0.raw).unwrap();
     assert_eq!(v0["backends"][1]["weight"], 1, "{}", s0.raw);
     assert_eq!(v0["config_file"], link.display().to_string());
-    let gen0 = s0.generation.as_u64().expect("generation is a number");
+    let gen0 = s0.generation;
 
     // kubelet's atomic update: a new timestamped dir, a `..data_tmp` symlink to it, renamed over
     // `..data`; then the old dir is removed.
@@ -134,7 +134,7 @@ async fn configmap_symlink_swap_is_applied() {
             v["backends"][1]["weight"] == 7
         })
         .await;
-    assert_eq!(s1.generation.as_u64(), Some(gen0 + 1), "{}", s1.raw);
+    assert_eq!(Some(s1.generation), Some(gen0 + 1), "{}", s1.raw);
     assert_eq!(applied(&s1), 1, "{}", s1.raw);
 
     // A second swap (the first one's target dir is gone now) removes the replica.
@@ -144,7 +144,7 @@ async fn configmap_symlink_swap_is_applied() {
             s.try_backend("pg-1").is_none()
         })
         .await;
-    assert_eq!(s2.generation.as_u64(), Some(gen0 + 2), "{}", s2.raw);
+    assert_eq!(Some(s2.generation), Some(gen0 + 2), "{}", s2.raw);
     assert_eq!(applied(&s2), 2);
     assert!(lb.log_text().contains("config reloaded"));
 }
@@ -366,7 +366,7 @@ async fn broken_file_is_reported_with_file_and_line_until_a_good_one() {
     let cluster = PgCluster::start(0);
     let lb = Pglb::start(&cluster).await;
     let path = lb.config_path().to_path_buf();
-    let gen0 = lb.stats().unwrap().generation.as_u64().unwrap();
+    let gen0 = lb.stats().unwrap().generation;
 
     let good = Pglb::builder(&cluster).render(lb.write, lb.read, lb.stats);
     let mut lines: Vec<String> = good.lines().map(str::to_string).collect();
@@ -389,11 +389,7 @@ async fn broken_file_is_reported_with_file_and_line_until_a_good_one() {
     assert!(err.contains(&at), "error lacks {at:?}: {err}");
     assert!(err.contains("check.interval"), "{err}");
     assert_eq!(reload["rejected"], 1);
-    assert_eq!(
-        s.generation.as_u64(),
-        Some(gen0),
-        "a bad file changed nothing"
-    );
+    assert_eq!(Some(s.generation), Some(gen0), "a bad file changed nothing");
 
     lb.wait_log(Duration::from_secs(5), "config reload refused")
         .await;
@@ -436,7 +432,7 @@ async fn broken_file_is_reported_with_file_and_line_until_a_good_one() {
         })
         .await;
     assert!(reload_json(&s)["error"].is_null(), "{}", s.raw);
-    assert_eq!(s.generation.as_u64(), Some(gen0 + 1));
+    assert_eq!(Some(s.generation), Some(gen0 + 1));
     let m = metrics_text(lb.stats);
     assert_eq!(
         metric(&m, "pglb_config_last_reload_successful", &[]),

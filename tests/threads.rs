@@ -44,7 +44,11 @@ async fn sessions_through(addr: SocketAddr, n: usize) -> Vec<tokio_postgres::Cli
 }
 
 fn sessions_active(stats: &Stats) -> i64 {
-    stats.backends.iter().map(|b| b.sessions_active).sum()
+    stats
+        .backends
+        .iter()
+        .map(|b| b.sessions_active as i64)
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -136,4 +140,39 @@ async fn a_second_pglb_on_the_same_ports_shares_them_and_serves_alone_once_the_f
     let s = second.stats().expect("second pglb's stats");
     assert_eq!(sessions_active(&s), 16, "{}", s.raw);
     drop((after, reads));
+}
+
+/// docs/operations.md's binary upgrade exactly as written: a new pglb started with the *same*
+/// lb.toml (the same stats port too) joins the running one, the old one gets SIGTERM, and the
+/// session ports and the stats page go on through the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_documented_upgrade_with_the_same_lb_toml_works() {
+    let cluster = PgCluster::start(1);
+    let mut old = Pglb::start(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let new = SpawnedPglb::spawn(old.config_path(), old.stats, dir.path().join("pglb.log"));
+    wait_until(T, "the new pglb bound every port and started", || {
+        new.log_text().contains("pglb started")
+    })
+    .await;
+
+    old.signal(libc::SIGTERM);
+    let status = old.wait_exit(T).await.expect("the old pglb exits");
+    assert!(status.success(), "{status:?}");
+
+    // The stats address now answers from the new process alone, and so do both session ports.
+    let s = new
+        .wait_stats(T, "the stats port served by the new pglb", |s| {
+            s.primary.is_some()
+        })
+        .await;
+    assert_eq!(s.primary.as_deref(), Some("pg-0"), "{}", s.raw);
+    let writes = sessions_through(old.write, 4).await;
+    let reads = sessions_through(old.read, 4).await;
+    assert_eq!(writes.len() + reads.len(), 8);
+    assert!(
+        !new.log_text().contains("Address already in use"),
+        "{}",
+        new.log_text()
+    );
 }

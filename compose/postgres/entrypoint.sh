@@ -27,8 +27,12 @@
 #   PGLB_WAIT_PRIMARY_TIMEOUT  seconds a new replica waits for a primary before giving up (300)
 #   PGLB_PEER_WAIT             seconds a restarting primary waits for silent peers before it
 #                              concludes that no newer primary exists (15)
-# Roles and passwords are created on the first start only (like the official postgres image):
-# changing a password in .env later needs ALTER ROLE as well.
+# Roles and passwords follow the environment at every start: the node that starts as the primary
+# creates missing roles and sets every password from the variables above (on a temporary server
+# listening on the Unix socket only, before any client can connect); the standbys get them through
+# replication. Each node rewrites its passfile (replication, pg_basebackup, pg_rewind) at every
+# start, and a standby's primary_conninfo is made to read it. So: change a password in .env, run
+# compose/up, and the stack uses the new one. Passwords never appear on a command line.
 #
 # Files: PGDATA=/var/lib/postgresql/data/pgdata (a subdirectory of the volume, so that a broken
 # data dir can be moved aside). conf.d/00-pglb.conf, conf.d/99-node.conf and pg_hba.conf are
@@ -51,6 +55,7 @@ PROMOTER_USER="${PGLB_PROMOTER_USER:-pglb_promoter}"
 WAIT_PRIMARY="${PGLB_WAIT_PRIMARY_TIMEOUT:-300}"
 PEER_WAIT="${PGLB_PEER_WAIT:-15}"
 TEMP_SERVER=0
+INITIALISED=0
 
 log() { printf '%s pglb-entrypoint[%s]: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${NODE:-?}" "$*" >&2; }
 loud() {
@@ -271,6 +276,21 @@ set_upstream() {
     log "standby of $h:$p, replication slot $SLOT"
 }
 
+# A standby that starts while no primary answers keeps its upstream, but reads the replication
+# password from the passfile written at this start: a primary_conninfo with an inline password
+# (the promoter's re-pointing writes one) would keep an old password after a change in .env.
+refresh_upstream() {
+    local line h p
+    line="$(grep -E '^[[:space:]]*primary_conninfo[[:space:]]*=' "$PGDATA/postgresql.auto.conf" 2>/dev/null | tail -n 1)" || true
+    h="$(printf '%s' "$line" | sed -nE "s/.*[' ]host=([A-Za-z0-9._-]+).*/\1/p")"
+    p="$(printf '%s' "$line" | sed -nE "s/.*[' ]port=([0-9]+).*/\1/p")"
+    if [ -n "$h" ]; then
+        set_upstream "$h" "${p:-5432}"
+    else
+        log "no host in this standby's primary_conninfo; leaving it as it is"
+    fi
+}
+
 # Make sure our physical slot exists on host:port (it does not after a failover or a rewind).
 ensure_slot() {
     local h="$1" p="$2" n
@@ -298,25 +318,57 @@ init_primary() {
     rm -f "$pwfile"
     write_config
 
-    log "starting a temporary server on the Unix socket only, to create roles"
-    TEMP_SERVER=1
-    as_pg pg_ctl -D "$PGDATA" -w -t 60 -o "-c listen_addresses=''" start >&2
+    reconcile_roles || die "could not create the roles (see above)"
+    rm -f "$mark"
+    INITIALISED=1
+    log "initialised"
+}
+
+# Roles from the environment: creates the missing ones and sets every password, on a temporary
+# server that listens on the Unix socket only (no client can log in with an old password meanwhile).
+# Runs on the node that starts as the primary; standbys receive the result through replication.
+# The passwords reach psql through its environment (\getenv), never its command line.
+reconcile_roles() {
     local app_user="${APP_USER:-}" app_db="${APP_DB:-${APP_USER:-}}"
+    log "starting a temporary server on the Unix socket only, to set roles and passwords"
+    TEMP_SERVER=1
+    as_pg pg_ctl -D "$PGDATA" -w -t 300 -o "-c listen_addresses=''" start >&2 || return 1
+    local rc=0
     as_pg psql -X -q -v ON_ERROR_STOP=1 -h "$SOCKET_DIR" -U postgres -d postgres \
-        -v repl_user="$REPL_USER" -v repl_pw="$PGLB_REPLICATION_PASSWORD" \
-        -v check_user="$CHECK_USER" -v check_pw="$PGLB_CHECK_PASSWORD" \
-        -v promoter_user="$PROMOTER_USER" -v promoter_pw="${PGLB_PROMOTER_PASSWORD:-}" \
+        -v repl_user="$REPL_USER" -v check_user="$CHECK_USER" -v promoter_user="$PROMOTER_USER" \
         -v make_promoter="$([ -n "${PGLB_PROMOTER_PASSWORD:-}" ] && [ "$PROMOTER_USER" != postgres ] && echo 1 || echo 0)" \
-        -v app_user="$app_user" -v app_pw="${APP_PASSWORD:-}" -v app_db="$app_db" \
+        -v app_user="$app_user" -v app_db="$app_db" \
         -v make_app_user="$([ -n "$app_user" ] && [ "$app_user" != postgres ] && echo 1 || echo 0)" \
-        -v make_app_db="$([ -n "$app_db" ] && [ "$app_db" != postgres ] && echo 1 || echo 0)" <<'SQL'
+        -v make_app_db="$([ -n "$app_db" ] && [ "$app_db" != postgres ] && echo 1 || echo 0)" <<'SQL' || rc=$?
+\set postgres_pw ''
+\set repl_pw ''
+\set check_pw ''
+\set promoter_pw ''
+\set app_pw ''
+\getenv postgres_pw POSTGRES_PASSWORD
+\getenv repl_pw PGLB_REPLICATION_PASSWORD
+\getenv check_pw PGLB_CHECK_PASSWORD
+\getenv promoter_pw PGLB_PROMOTER_PASSWORD
+\getenv app_pw APP_PASSWORD
+-- no synchronous standby can answer a server without TCP listeners
+SET synchronous_commit = local;
+SET client_min_messages = warning;
+ALTER ROLE postgres PASSWORD :'postgres_pw';
 -- replication: pg_basebackup and the standbys' walreceivers
-CREATE ROLE :"repl_user" WITH LOGIN REPLICATION PASSWORD :'repl_pw';
+SELECT format('CREATE ROLE %I', :'repl_user')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'repl_user') \gexec
+ALTER ROLE :"repl_user" WITH LOGIN REPLICATION PASSWORD :'repl_pw';
 -- pglb's health checks: login + pg_monitor, nothing else
-CREATE ROLE :"check_user" WITH LOGIN PASSWORD :'check_pw' IN ROLE pg_monitor;
+SELECT format('CREATE ROLE %I', :'check_user')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'check_user') \gexec
+ALTER ROLE :"check_user" WITH LOGIN PASSWORD :'check_pw';
+GRANT pg_monitor TO :"check_user";
 \if :make_promoter
 -- the promoter: promote, checkpoint, slots, and what pg_rewind needs from its source server
-CREATE ROLE :"promoter_user" WITH LOGIN REPLICATION PASSWORD :'promoter_pw' IN ROLE pg_monitor, pg_checkpoint;
+SELECT format('CREATE ROLE %I', :'promoter_user')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'promoter_user') \gexec
+ALTER ROLE :"promoter_user" WITH LOGIN REPLICATION PASSWORD :'promoter_pw';
+GRANT pg_monitor, pg_checkpoint TO :"promoter_user";
 GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO :"promoter_user";
 GRANT EXECUTE ON FUNCTION pg_ls_dir(text, boolean, boolean) TO :"promoter_user";
 GRANT EXECUTE ON FUNCTION pg_stat_file(text, boolean) TO :"promoter_user";
@@ -324,16 +376,19 @@ GRANT EXECUTE ON FUNCTION pg_read_binary_file(text) TO :"promoter_user";
 GRANT EXECUTE ON FUNCTION pg_read_binary_file(text, bigint, bigint, boolean) TO :"promoter_user";
 \endif
 \if :make_app_user
-CREATE ROLE :"app_user" WITH LOGIN PASSWORD :'app_pw';
+SELECT format('CREATE ROLE %I', :'app_user')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'app_user') \gexec
+ALTER ROLE :"app_user" WITH LOGIN PASSWORD :'app_pw';
 \endif
 \if :make_app_db
-CREATE DATABASE :"app_db" OWNER :"app_user";
+SELECT format('CREATE DATABASE %I OWNER %I', :'app_db', :'app_user')
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'app_db') \gexec
 \endif
 SQL
-    as_pg pg_ctl -D "$PGDATA" -m fast -w stop >&2
+    as_pg pg_ctl -D "$PGDATA" -m fast -w stop >&2 || die "could not stop the temporary server"
     TEMP_SERVER=0
-    rm -f "$mark"
-    log "initialised: roles postgres, $REPL_USER, $CHECK_USER$([ -n "${PGLB_PROMOTER_PASSWORD:-}" ] && printf ', %s' "$PROMOTER_USER")${app_user:+, $app_user (database $app_db)}"
+    [ "$rc" = 0 ] || return 1
+    log "roles and passwords set from the environment: postgres, $REPL_USER, $CHECK_USER$([ -n "${PGLB_PROMOTER_PASSWORD:-}" ] && [ "$PROMOTER_USER" != postgres ] && printf ', %s' "$PROMOTER_USER")${app_user:+, $app_user (database $app_db)}"
 }
 
 # Clone host:port into an empty $PGDATA and configure a standby of it.
@@ -450,6 +505,7 @@ main() {
 
         if [ -z "$PRIMARY" ]; then
             log "no other primary: starting as $role"
+            [ "$role" = standby ] && refresh_upstream
         elif [ "$role" = primary ]; then
             if [ "$PRIMARY_TL" -gt "$tl" ]; then
                 rejoin ${PRIMARY} primary
@@ -472,6 +528,10 @@ main() {
     fi
 
     write_config
+    if [ ! -f "$PGDATA/standby.signal" ] && [ "$INITIALISED" = 0 ]; then
+        reconcile_roles || loud "could not set roles and passwords from the environment (see above)" \
+            "starting with the ones the database has: clients using the new passwords are refused"
+    fi
     trap - ERR
     log "starting PostgreSQL $(as_pg postgres --version | awk '{print $3}') as $([ -f "$PGDATA/standby.signal" ] && echo standby || echo primary)"
     if [ "$(id -u)" = 0 ]; then

@@ -1,28 +1,29 @@
-//! One configured PostgreSQL server as pglb sees it: its config, its check status (health, last
-//! report, last error, role and lag as decided by `routing`), its admin state and its session
-//! counters. The checker task that feeds it lives here; deciding roles across backends does not.
+//! One configured PostgreSQL server as the data path sees it: a `Backend` handle with its
+//! session counters and slot reservations (atomics, shared by every worker thread), and the
+//! checker task that probes it and sends the result to the control task. Health, role and lag
+//! are decided by `control`, not here.
 
 pub mod health;
 pub mod net;
 pub mod probe;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
-use serde::Serialize;
-use tokio::sync::Notify;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::warn;
 
-use crate::config::BackendConfig;
-use health::{HealthState, Transition};
-use probe::{ProbeError, ProbeReport};
+use crate::control::{Event, Events};
+use crate::proxy::PortRole;
+use crate::view::{PortView, View};
+use probe::ProbeError;
 
 /// What a backend is, as decided from all backends' checks together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Not checked successfully yet, or down.
@@ -46,38 +47,11 @@ impl Role {
     }
 }
 
-/// Which listener a session came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PortRole {
-    Write,
-    Read,
-}
-
-impl PortRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PortRole::Write => "write",
-            PortRole::Read => "read",
-        }
+fn idx(port: PortRole) -> usize {
+    match port {
+        PortRole::Write => 0,
+        PortRole::Read => 1,
     }
-    fn idx(self) -> usize {
-        match self {
-            PortRole::Write => 0,
-            PortRole::Read => 1,
-        }
-    }
-}
-
-/// Operator's say over a backend, set through the admin API; survives reloads that keep it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AdminState {
-    Enabled,
-    /// No new sessions; open ones stay.
-    Drain,
-    /// No new sessions; open ones are closed.
-    Disabled,
 }
 
 /// Session counters of one backend on one port.
@@ -92,51 +66,60 @@ pub struct PortCounters {
     pub bytes_out: AtomicU64,
 }
 
-/// Check results and what `routing` decided from them.
-#[derive(Debug, Clone)]
-pub struct BackendStatus {
-    pub health: HealthState,
-    pub report: Option<ProbeReport>,
-    pub last_error: Option<ProbeError>,
-    pub last_check: Option<SystemTime>,
-    pub check_latency: Option<Duration>,
-    /// When up/down or the role last changed.
-    pub since: Instant,
-    pub role: Role,
-    pub read_eligible: bool,
-    pub lag_bytes: Option<u64>,
-    pub lag_seconds: Option<f64>,
-}
-
-impl Default for BackendStatus {
-    fn default() -> Self {
-        Self {
-            health: HealthState::default(),
-            report: None,
-            last_error: None,
-            last_check: None,
-            check_latency: None,
-            since: Instant::now(),
-            role: Role::Unknown,
-            read_eligible: true,
-            lag_bytes: None,
-            lag_seconds: None,
-        }
-    }
-}
-
+/// The data path's handle on one backend: counters and slot reservations. Kept by name across
+/// reloads, so counters and open sessions carry over.
 pub struct Backend {
     pub name: String,
-    config: ArcSwap<BackendConfig>,
-    status: Mutex<BackendStatus>,
     counters: [PortCounters; 2],
-    admin: AtomicU8,
-    /// Removed from the config; open sessions drain.
-    retired: AtomicBool,
     /// Wakes the checker early (a session connect was refused).
     recheck: Notify,
     /// Sessions over both ports, reserved before connecting (the maxconn count).
     reserved: AtomicU64,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sessions waiting for a slot on a full backend. A session that ends wakes them, but only when
+/// there are any: ending a session takes no shared lock otherwise.
+#[derive(Debug, Default)]
+pub struct SlotWaiters {
+    waiting: AtomicUsize,
+    notify: Notify,
+}
+
+impl SlotWaiters {
+    /// Registers a waiter until the guard drops. Register before looking for a slot, so that a
+    /// slot freed in between is not missed.
+    pub fn register(&self) -> WaiterGuard<'_> {
+        // SeqCst pairs with the load in `freed`: either the freeing session sees this waiter and
+        // notifies, or this waiter's next look sees the freed slot.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        WaiterGuard(self)
+    }
+
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    fn freed(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+}
+
+pub struct WaiterGuard<'a>(&'a SlotWaiters);
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A reserved session on a backend: counted in the backend's active sessions (and its maxconn)
@@ -144,7 +127,7 @@ pub struct Backend {
 pub struct SessionSlot {
     backend: Arc<Backend>,
     port: PortRole,
-    freed: Arc<Notify>,
+    waiters: Arc<SlotWaiters>,
     connected: bool,
 }
 
@@ -168,54 +151,41 @@ impl Drop for SessionSlot {
     fn drop(&mut self) {
         let c = self.backend.counters(self.port);
         c.active.fetch_sub(1, Ordering::Relaxed);
-        self.backend.reserved.fetch_sub(1, Ordering::Relaxed);
+        self.backend.reserved.fetch_sub(1, Ordering::SeqCst);
         if self.connected {
             crate::metrics::session_ended(self.port, &self.backend.name);
         }
-        // Queued sessions waiting for a slot re-check.
-        self.freed.notify_waiters();
-    }
-}
-
-impl std::fmt::Debug for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Backend")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        self.waiters.freed();
     }
 }
 
 impl Backend {
-    pub fn new(config: BackendConfig) -> Arc<Self> {
+    pub fn new(name: &str) -> Arc<Self> {
         Arc::new(Backend {
-            name: config.name.clone(),
-            config: ArcSwap::from_pointee(config),
-            status: Mutex::new(BackendStatus::default()),
+            name: name.to_string(),
             counters: Default::default(),
-            admin: AtomicU8::new(0),
-            retired: AtomicBool::new(false),
             recheck: Notify::new(),
             reserved: AtomicU64::new(0),
         })
     }
 
-    /// Reserves a session slot unless the backend is at its maxconn (0 = no limit).
+    /// Reserves a session slot unless the backend is at `maxconn` (0 = no limit).
     pub fn try_reserve(
         self: &Arc<Self>,
         port: PortRole,
-        freed: &Arc<Notify>,
+        maxconn: u64,
+        waiters: &Arc<SlotWaiters>,
     ) -> Option<SessionSlot> {
-        let max = self.config().maxconn;
-        let mut cur = self.reserved.load(Ordering::Relaxed);
+        let mut cur = self.reserved.load(Ordering::SeqCst);
         loop {
-            if max > 0 && cur >= max {
+            if maxconn > 0 && cur >= maxconn {
                 return None;
             }
             match self.reserved.compare_exchange_weak(
                 cur,
                 cur + 1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
             ) {
                 Ok(_) => break,
                 Err(now) => cur = now,
@@ -225,35 +195,34 @@ impl Backend {
         Some(SessionSlot {
             backend: self.clone(),
             port,
-            freed: freed.clone(),
+            waiters: waiters.clone(),
             connected: false,
         })
     }
 
-    pub fn config(&self) -> Arc<BackendConfig> {
-        self.config.load_full()
-    }
-
-    pub fn set_config(&self, config: BackendConfig) {
-        self.config.store(Arc::new(config));
-    }
-
-    pub fn status(&self) -> BackendStatus {
-        self.lock().clone()
-    }
-
-    /// Runs `f` with the status locked. Never held across an await.
-    pub fn with_status<R>(&self, f: impl FnOnce(&mut BackendStatus) -> R) -> R {
-        f(&mut self.lock())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BackendStatus> {
-        // A panic while holding this lock leaves plain data behind; keep serving with it.
-        self.status.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     pub fn counters(&self, port: PortRole) -> &PortCounters {
-        &self.counters[port.idx()]
+        &self.counters[idx(port)]
+    }
+
+    /// Open sessions on `port`.
+    pub fn port_active(&self, port: PortRole) -> u64 {
+        self.counters(port).active.load(Ordering::Relaxed)
+    }
+
+    #[cfg(test)]
+    pub fn set_port_active(&self, port: PortRole, n: u64) {
+        self.counters(port).active.store(n, Ordering::Relaxed);
+    }
+
+    pub fn port_view(&self, port: PortRole) -> PortView {
+        let c = self.counters(port);
+        PortView {
+            sessions_active: c.active.load(Ordering::Relaxed),
+            sessions_total: c.total.load(Ordering::Relaxed),
+            sessions_max: c.max.load(Ordering::Relaxed),
+            bytes_in: c.bytes_in.load(Ordering::Relaxed),
+            bytes_out: c.bytes_out.load(Ordering::Relaxed),
+        }
     }
 
     pub fn active_sessions(&self) -> u64 {
@@ -263,99 +232,32 @@ impl Backend {
             .sum()
     }
 
-    pub fn admin_state(&self) -> AdminState {
-        match self.admin.load(Ordering::Relaxed) {
-            1 => AdminState::Drain,
-            2 => AdminState::Disabled,
-            _ => AdminState::Enabled,
-        }
-    }
-
-    pub fn set_admin_state(&self, s: AdminState) {
-        let v = match s {
-            AdminState::Enabled => 0,
-            AdminState::Drain => 1,
-            AdminState::Disabled => 2,
-        };
-        self.admin.store(v, Ordering::Relaxed);
-    }
-
-    pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Relaxed)
-    }
-
-    pub fn set_retired(&self, r: bool) {
-        self.retired.store(r, Ordering::Relaxed);
-    }
-
-    /// A session could not connect: count it as a failed check right away, and check again
-    /// now rather than at the next tick.
-    pub fn report_connect_failure(&self, err: ProbeError, rise: u32, fall: u32) {
-        let t = {
-            let mut st = self.lock();
-            let t = st.health.record(false, rise, fall);
-            st.last_error = Some(err.clone());
-            if t.is_some() {
-                st.since = Instant::now();
-            }
-            t
-        };
-        if t == Some(Transition::Down) {
-            warn!(backend = %self.name, reason = %err, kind = err.kind(), "backend down (session connect failed)");
-        }
+    /// Checks again now rather than at the next tick (a session connect was refused).
+    pub fn recheck(&self) {
         self.recheck.notify_one();
-    }
-
-    /// Records a check result; logs transitions. Returns whether up/down changed.
-    fn record(&self, result: Result<ProbeReport, ProbeError>, rise: u32, fall: u32) -> bool {
-        let mut st = self.lock();
-        st.last_check = Some(SystemTime::now());
-        let (t, err) = match result {
-            Ok(report) => {
-                st.check_latency = Some(report.latency);
-                st.report = Some(report);
-                st.last_error = None;
-                (st.health.record(true, rise, fall), None)
-            }
-            Err(e) => {
-                let t = st.health.record(false, rise, fall);
-                st.last_error = Some(e.clone());
-                (t, Some(e))
-            }
-        };
-        let streak = st.health.streak();
-        if t.is_some() {
-            st.since = Instant::now();
-        }
-        drop(st);
-        let address = self.config().address.clone();
-        match (t, err) {
-            (Some(Transition::Up), _) => {
-                info!(backend = %self.name, %address, successes = streak, "backend up")
-            }
-            (Some(Transition::Down), Some(e)) => {
-                warn!(backend = %self.name, %address, reason = %e, kind = e.kind(), failures = streak, "backend down")
-            }
-            (Some(Transition::Down), None) => {}
-            (None, Some(e)) => {
-                debug!(backend = %self.name, reason = %e, kind = e.kind(), failures = streak, "check failed")
-            }
-            (None, None) => {}
-        }
-        t.is_some()
     }
 }
 
-/// Checks one backend every `check.interval` until `token` is cancelled, and tells `on_result`
-/// after each check so roles can be recomputed.
+/// Checks one backend every `check.interval` (every `check.fast_interval` while a port has no
+/// backend, so a new primary is seen at once), reading its settings from the newest View, until
+/// `token` is cancelled; sends every result to the control task.
 pub async fn run_checker(
     backend: Arc<Backend>,
-    check: impl Fn() -> Arc<crate::config::Config>,
-    on_result: impl Fn(),
+    mut view: watch::Receiver<Arc<View>>,
+    events: Events,
     token: CancellationToken,
 ) {
-    let mut period = check().check.interval;
-    let mut last_local_warning: Option<std::time::Instant> = None;
+    let period_of = |v: &View| {
+        let c = &v.config().check;
+        if v.lacks_a_backend() {
+            c.fast_interval.min(c.interval)
+        } else {
+            c.interval
+        }
+    };
+    let mut period = period_of(&view.borrow_and_update());
+    let local_warning = crate::ratelimit::LogEvery::new(Duration::from_secs(5));
+    let mut session = probe::CheckSession::default();
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
@@ -363,40 +265,72 @@ pub async fn run_checker(
             _ = token.cancelled() => return,
             _ = tick.tick() => {}
             _ = backend.recheck.notified() => {}
+            r = view.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                // Routing changed: a port may have lost (or found) its backend.
+                let p = period_of(&view.borrow_and_update());
+                if p != period {
+                    // Faster now: check at once; slower: after a whole new period.
+                    let delay = if p < period { Duration::ZERO } else { p };
+                    period = p;
+                    tick = tokio::time::interval_at(tokio::time::Instant::now() + delay, p);
+                    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+                }
+                continue;
+            }
         }
-        let cfg = check();
-        if cfg.check.interval != period {
-            period = cfg.check.interval;
+        let (cfg, address) = {
+            let v = view.borrow();
+            let address = v.backend(&backend.name).map(|b| b.address.clone());
+            (v.config().clone(), address)
+        };
+        let Some(address) = address else {
+            // Removed from the config: the control task cancels this checker.
+            continue;
+        };
+        let p = period_of(&view.borrow());
+        if p != period {
+            period = p;
             tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
         }
-        let address = backend.config().address.clone();
-        let started = std::time::Instant::now();
-        let result = tokio::select! {
+        let started = Instant::now();
+        let outcome = tokio::select! {
             _ = token.cancelled() => return,
-            r = tokio::time::timeout(cfg.check.timeout, probe::probe(&address, &cfg.check)) => {
-                r.unwrap_or(Err(ProbeError::Timeout(cfg.check.timeout)))
+            r = tokio::time::timeout(cfg.check.timeout, session.check(&address, &cfg.check)) => {
+                r.unwrap_or(probe::CheckOutcome {
+                    result: Err(ProbeError::Timeout(cfg.check.timeout)),
+                    login_refused: None,
+                })
             }
         };
         crate::metrics::check_result(
             &backend.name,
-            match &result {
+            match &outcome.result {
                 Ok(_) => "ok",
                 Err(e) => e.kind(),
             },
             started.elapsed().as_secs_f64(),
         );
-        if let Err(ProbeError::Local(reason)) = &result {
+        if let Some(e) = &outcome.login_refused {
+            crate::metrics::check_login_refused(&backend.name, e.kind());
+        }
+        if let Err(ProbeError::Local(reason)) = &outcome.result {
             // pglb's own shortage (e.g. out of descriptors while full of sessions) says nothing
             // about the backend: counting it would mark a healthy primary down and cut every
             // session on it. The state stays as it is until a check can run again.
-            if last_local_warning.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(5)) {
+            if local_warning.due() {
                 warn!(backend = %backend.name, %reason, "check could not run; backend state kept");
-                last_local_warning = Some(std::time::Instant::now());
             }
             continue;
         }
-        backend.record(result, cfg.check.rise, cfg.check.fall);
-        on_result();
+        events.send(Event::Checked {
+            name: backend.name.clone(),
+            result: outcome.result,
+            login_refused: outcome.login_refused,
+            at: SystemTime::now(),
+        });
     }
 }

@@ -3,25 +3,26 @@
 //! `TCP_USER_TIMEOUT`) so a peer that vanishes is noticed in seconds, not minutes.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream};
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnectError {
     #[error("connection refused")]
     Refused,
     #[error("connect timeout after {0:?}")]
     Timeout(Duration),
     #[error("cannot resolve host: {0}")]
-    Dns(String),
+    Dns(#[source] Arc<io::Error>),
     #[error("{0}")]
-    Io(String),
+    Io(#[source] Arc<io::Error>),
     /// pglb itself could not open a socket (out of descriptors, buffers or memory): says
     /// nothing about the backend.
     #[error("pglb cannot open a connection: {0}")]
-    Local(String),
+    Local(#[source] Arc<io::Error>),
 }
 
 impl ConnectError {
@@ -34,6 +35,10 @@ impl ConnectError {
             ConnectError::Local(_) => "local",
         }
     }
+
+    pub fn io(e: io::Error) -> Self {
+        ConnectError::Io(Arc::new(e))
+    }
 }
 
 /// Connects to `address` (`host:port`), trying each resolved address in turn, all within
@@ -42,10 +47,13 @@ pub async fn connect_tcp(address: &str, timeout: Duration) -> Result<TcpStream, 
     let attempt = async {
         let addrs: Vec<_> = tokio::net::lookup_host(address)
             .await
-            .map_err(|e| ConnectError::Dns(e.to_string()))?
+            .map_err(|e| ConnectError::Dns(Arc::new(e)))?
             .collect();
         if addrs.is_empty() {
-            return Err(ConnectError::Dns(format!("{address} has no addresses")));
+            return Err(ConnectError::Dns(Arc::new(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{address} has no addresses"),
+            ))));
         }
         let mut last = ConnectError::Refused;
         for a in addrs {
@@ -54,10 +62,8 @@ pub async fn connect_tcp(address: &str, timeout: Duration) -> Result<TcpStream, 
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     last = ConnectError::Refused
                 }
-                Err(e) if is_local_exhaustion(&e) => {
-                    return Err(ConnectError::Local(e.to_string()))
-                }
-                Err(e) => last = ConnectError::Io(e.to_string()),
+                Err(e) if is_local_exhaustion(&e) => return Err(ConnectError::Local(Arc::new(e))),
+                Err(e) => last = ConnectError::io(e),
             }
         }
         Err(last)

@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::error::SqlState;
+use std::sync::Arc;
+
+use tokio_postgres::error::{DbError, SqlState};
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
 use super::net::{connect_tcp, ConnectError};
@@ -45,33 +47,42 @@ impl ProbeReport {
 }
 
 /// Why a check failed. `kind()` is the stable label for logs and metrics; `Display` is the
-/// reason shown on the stats page.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// reason shown on the stats page. Server errors keep the server's `DbError` (SQLSTATE, message)
+/// and network errors their `io::Error`, so callers match on codes and kinds, never on text.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProbeError {
     #[error("connection refused")]
     Refused,
     #[error("timeout after {0:?}")]
     Timeout(Duration),
     #[error("cannot resolve host: {0}")]
-    Dns(String),
-    #[error("authentication failed: {0}")]
-    Auth(String),
+    Dns(#[source] Arc<std::io::Error>),
+    /// 28P01 / 28000: wrong password, no `pg_hba.conf` entry, unknown role.
+    #[error("authentication failed: {}", .0.message())]
+    Auth(#[source] Arc<DbError>),
+    /// The server asked for a password and the config names none.
+    #[error("authentication failed: the server asks for a password and none is configured")]
+    PasswordMissing,
     /// 57P03: "the database system is starting up", "... is shutting down", "... in recovery mode".
-    #[error("{0}")]
-    CannotConnectNow(String),
+    #[error("{}", .0.message())]
+    CannotConnectNow(#[source] Arc<DbError>),
     /// 57P01 and friends: the server is shutting down.
-    #[error("{0}")]
-    Shutdown(String),
+    #[error("{}", .0.message())]
+    Shutdown(#[source] Arc<DbError>),
     #[error("network error: {0}")]
-    Io(String),
-    #[error("server error: {0}")]
-    Server(String),
+    Io(#[source] Arc<std::io::Error>),
+    /// The client library failed without a server error or an io error (connection closed,
+    /// unexpected message).
+    #[error("network error: {0}")]
+    Client(#[source] Arc<tokio_postgres::Error>),
+    #[error("server error: {} ({})", .0.message(), .0.code().code())]
+    Server(#[source] Arc<DbError>),
     #[error("unexpected check result: {0}")]
     Protocol(String),
     /// pglb could not open the check's connection (out of descriptors, ...): not the backend's
     /// fault, so it does not count as a failed check.
-    #[error("{0}")]
-    Local(String),
+    #[error("pglb cannot open a connection: {0}")]
+    Local(#[source] Arc<std::io::Error>),
 }
 
 impl ProbeError {
@@ -80,14 +91,34 @@ impl ProbeError {
             ProbeError::Refused => "refused",
             ProbeError::Timeout(_) => "timeout",
             ProbeError::Dns(_) => "dns",
-            ProbeError::Auth(_) => "auth",
+            ProbeError::Auth(_) | ProbeError::PasswordMissing => "auth",
             ProbeError::CannotConnectNow(_) => "cannot_connect_now",
             ProbeError::Shutdown(_) => "shutdown",
-            ProbeError::Io(_) => "io",
+            ProbeError::Io(_) | ProbeError::Client(_) => "io",
+            // 53300: at max_connections. Its own label: a full server is up, not failing.
+            ProbeError::Server(e) if *e.code() == SqlState::TOO_MANY_CONNECTIONS => "full",
             ProbeError::Server(_) => "server",
             ProbeError::Protocol(_) => "protocol",
             ProbeError::Local(_) => "local",
         }
+    }
+
+    /// The server's SQLSTATE, when the server answered with an error.
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            ProbeError::Auth(e)
+            | ProbeError::CannotConnectNow(e)
+            | ProbeError::Shutdown(e)
+            | ProbeError::Server(e) => Some(e.code()),
+            _ => None,
+        }
+    }
+}
+
+/// Same kind and same reason (the sources are not comparable themselves).
+impl PartialEq for ProbeError {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind() == other.kind() && self.to_string() == other.to_string()
     }
 }
 
@@ -96,40 +127,43 @@ impl From<ConnectError> for ProbeError {
         match e {
             ConnectError::Refused => ProbeError::Refused,
             ConnectError::Timeout(d) => ProbeError::Timeout(d),
-            ConnectError::Dns(s) => ProbeError::Dns(s),
-            ConnectError::Io(s) => ProbeError::Io(s),
-            ConnectError::Local(s) => ProbeError::Local(ConnectError::Local(s).to_string()),
+            ConnectError::Dns(e) => ProbeError::Dns(e),
+            ConnectError::Io(e) => ProbeError::Io(e),
+            ConnectError::Local(e) => ProbeError::Local(e),
         }
     }
 }
 
 /// Sorts a tokio-postgres error into a `ProbeError` (also used by the promoter's SQL steps).
-pub fn classify(e: tokio_postgres::Error) -> ProbeError {
+/// `password_configured` tells a server's password request that found no password apart from
+/// other client-side failures.
+pub fn classify(e: tokio_postgres::Error, password_configured: bool) -> ProbeError {
     if let Some(db) = e.as_db_error() {
-        let msg = db.message().to_string();
+        let db = Arc::new(db.clone());
         let code = db.code();
         if *code == SqlState::INVALID_PASSWORD
             || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
         {
-            return ProbeError::Auth(msg);
+            return ProbeError::Auth(db);
         }
         if *code == SqlState::CANNOT_CONNECT_NOW {
-            return ProbeError::CannotConnectNow(msg);
+            return ProbeError::CannotConnectNow(db);
         }
         if *code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CRASH_SHUTDOWN {
-            return ProbeError::Shutdown(msg);
+            return ProbeError::Shutdown(db);
         }
-        return ProbeError::Server(format!("{msg} ({})", code.code()));
+        return ProbeError::Server(db);
     }
-    let text = e.to_string();
-    // tokio-postgres says "invalid configuration" and keeps the reason in the source.
-    let cause = std::error::Error::source(&e)
-        .map(|s| s.to_string())
-        .unwrap_or_default();
-    if text.contains("password missing") || cause.contains("password missing") {
-        return ProbeError::Auth("the server asks for a password and none is configured".into());
+    let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
+    if let Some(io) = io {
+        return ProbeError::Io(Arc::new(std::io::Error::new(io.kind(), io.to_string())));
     }
-    ProbeError::Io(text)
+    // Without a server error, an io error or a closed connection, a login fails client-side
+    // only when the server asked for a password that tokio-postgres does not have.
+    if !password_configured && !e.is_closed() {
+        return ProbeError::PasswordMissing;
+    }
+    ProbeError::Client(Arc::new(e))
 }
 
 // One round trip, no prepared statement. CASE keeps primary-only functions away from replicas
@@ -145,29 +179,105 @@ const CHECK_QUERY: &str = "SELECT pg_is_in_recovery(), \
  (pg_control_system()).system_identifier, \
  CASE WHEN pg_is_in_recovery() THEN coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver LIMIT 1), false) END";
 
-/// Runs one check against `address` (host:port). The caller bounds it with the check timeout.
-pub async fn probe(address: &str, check: &CheckConfig) -> Result<ProbeReport, ProbeError> {
-    let started = Instant::now();
-    let stream = connect_tcp(address, check.timeout).await?;
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user(&check.user)
-        .dbname(&check.database)
-        .application_name("pglb-check");
-    if let Some(pw) = &check.password {
-        cfg.password(pw.expose());
-    }
-    let (client, connection) = cfg.connect_raw(stream, NoTls).await.map_err(classify)?;
-    let conn_task = tokio::spawn(connection);
-    let result = client.simple_query(CHECK_QUERY).await;
-    drop(client);
-    // The connection future ends once the client is dropped (it sends Terminate).
-    let _ = conn_task.await;
-    let rows = result.map_err(classify)?;
-    parse_report(&rows, started.elapsed())
+/// One backend's check connection, kept logged in between checks: a check is one query on it,
+/// so checking needs no free connection slot on the server (a full server is still checked)
+/// and costs no password hashing. It is replaced by a fresh login every `check.relogin` and
+/// after any error, so a changed password, `pg_hba.conf` or DNS name is still noticed.
+#[derive(Default)]
+pub struct CheckSession {
+    kept: Option<(tokio_postgres::Client, Instant)>,
+    /// What the kept connection logged in to and as: a reload that changes any of it (a new
+    /// address, user, password or database) means a fresh login at the next check.
+    login: Option<(String, String, Option<crate::config::Secret>, String)>,
 }
 
-/// Logs in to `address` exactly as `probe` does and returns the open session, for callers that
-/// run more than the check query on it (the promoter). The connection task ends when the client
+/// What one check found.
+#[derive(Debug)]
+pub struct CheckOutcome {
+    pub result: Result<ProbeReport, ProbeError>,
+    /// A fresh login was refused while the kept connection still answered: the server is up
+    /// but takes no new sessions (full, or the login is no longer allowed).
+    pub login_refused: Option<ProbeError>,
+}
+
+impl CheckSession {
+    /// Runs one check against `address` (host:port). The caller bounds it with the check
+    /// timeout; a check cut short keeps the connection (its answer is just late).
+    pub async fn check(&mut self, address: &str, check: &CheckConfig) -> CheckOutcome {
+        let started = Instant::now();
+        let login_key = (
+            address.to_string(),
+            check.user.clone(),
+            check.password.clone(),
+            check.database.clone(),
+        );
+        if self.login.as_ref() != Some(&login_key) {
+            self.kept = None;
+            self.login = Some(login_key);
+        }
+        let due = self
+            .kept
+            .as_ref()
+            .is_none_or(|(_, at)| at.elapsed() >= check.relogin);
+        let mut login_refused = None;
+        if due {
+            match login(address, check, "pglb-check").await {
+                Ok(client) => self.kept = Some((client, Instant::now())),
+                // pglb's own shortage says nothing about the server.
+                Err(e @ ProbeError::Local(_)) => {
+                    return CheckOutcome {
+                        result: Err(e),
+                        login_refused: None,
+                    }
+                }
+                Err(e) if self.kept.is_some() => login_refused = Some(e),
+                Err(e) => {
+                    return CheckOutcome {
+                        result: Err(e),
+                        login_refused: None,
+                    }
+                }
+            }
+        }
+        let Some((client, _)) = &self.kept else {
+            unreachable!("a kept connection exists after a successful or skipped login")
+        };
+        match report(client, started).await {
+            Ok(r) => CheckOutcome {
+                result: Ok(r),
+                login_refused,
+            },
+            Err(e) => {
+                self.kept = None;
+                if due {
+                    return CheckOutcome {
+                        result: Err(e),
+                        login_refused: None,
+                    };
+                }
+                // The kept connection broke (server restarted, connection terminated): one fresh
+                // login now, so losing the check connection alone is not a failed check.
+                let result = match login(address, check, "pglb-check").await {
+                    Ok(client) => {
+                        let r = report(&client, started).await;
+                        if r.is_ok() {
+                            self.kept = Some((client, Instant::now()));
+                        }
+                        r
+                    }
+                    Err(e) => Err(e),
+                };
+                CheckOutcome {
+                    result,
+                    login_refused: None,
+                }
+            }
+        }
+    }
+}
+
+/// Logs in to `address` as the check user and returns the open session (checks keep it; the
+/// promoter runs more than the check query on it). The connection task ends when the client
 /// is dropped.
 pub async fn login(
     address: &str,
@@ -182,7 +292,11 @@ pub async fn login(
     if let Some(pw) = &check.password {
         cfg.password(pw.expose());
     }
-    let (client, connection) = cfg.connect_raw(stream, NoTls).await.map_err(classify)?;
+    let has_pw = check.password.is_some();
+    let (client, connection) = cfg
+        .connect_raw(stream, NoTls)
+        .await
+        .map_err(|e| classify(e, has_pw))?;
     tokio::spawn(connection);
     Ok(client)
 }
@@ -192,7 +306,10 @@ pub async fn report(
     client: &tokio_postgres::Client,
     started: Instant,
 ) -> Result<ProbeReport, ProbeError> {
-    let rows = client.simple_query(CHECK_QUERY).await.map_err(classify)?;
+    let rows = client
+        .simple_query(CHECK_QUERY)
+        .await
+        .map_err(|e| classify(e, true))?;
     parse_report(&rows, started.elapsed())
 }
 

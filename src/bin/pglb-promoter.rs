@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand};
+use pglb::config::{Config, Secrets};
 use pglb::promoter::{self, promote::PgPromoter, settings::Settings};
 use pglb::telemetry::{init_logging, LogFormat};
 
@@ -102,7 +103,7 @@ fn main() -> ExitCode {
         (Some(c), false) => c,
     };
     // The promoter reads only its own secrets: pglb's check password is not needed here.
-    let config = match pglb::config::Config::load_for_promoter(&args.config) {
+    let config = match Config::load_with(&args.config, Secrets::Optional) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pglb-promoter: invalid config: {e}");

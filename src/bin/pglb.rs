@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use pglb::config::{Config, Secrets};
 use pglb::telemetry::{init_logging, LogFormat};
 
 /// Layer-4 load balancer for PostgreSQL: the write port reaches the primary, the read port a
@@ -29,8 +30,13 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Validate the config, print the resolved settings (secrets hidden) and exit.
-    Check,
+    /// Validate the config, print every resolved setting (secrets only as where they come from)
+    /// and exit. A secret that cannot be read here is a warning naming it, unless --strict.
+    Check {
+        /// A secret that cannot be read (env var unset, file missing) is an error.
+        #[arg(long)]
+        strict: bool,
+    },
     /// Run the balancer (the default).
     Run,
 }
@@ -40,15 +46,24 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match pglb::config::Config::load(&args.config) {
+    // `check` validates a file where its secrets may not be present (a laptop, CI); running
+    // needs every secret pglb uses.
+    let secrets = match args.command {
+        Some(Command::Check { strict: false }) => Secrets::Optional,
+        _ => Secrets::Required,
+    };
+    let config = match Config::load_with(&args.config, secrets) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pglb: invalid config: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(Command::Check) = args.command {
+    if let Some(Command::Check { .. }) = args.command {
         print!("{}", config.describe());
+        for e in &config.missing_secrets {
+            eprintln!("pglb: warning: {e} (needed to run; `check --strict` makes this an error)");
+        }
         eprintln!("pglb: {} is valid", args.config.display());
         return ExitCode::SUCCESS;
     }

@@ -72,6 +72,16 @@ pub struct FileCheck {
         deserialize_with = "de_positive_duration"
     )]
     pub timeout: Duration,
+    /// How often the kept check connection is replaced by a fresh login (so a changed
+    /// password, `pg_hba.conf` or DNS name is noticed).
+    #[serde(default = "default_relogin", deserialize_with = "de_positive_duration")]
+    pub relogin: Duration,
+    /// The check interval while a port has no backend (a failover in progress).
+    #[serde(
+        default = "default_fast_interval",
+        deserialize_with = "de_positive_duration"
+    )]
+    pub fast_interval: Duration,
     #[serde(default = "default_threshold")]
     pub rise: Spanned<u32>,
     #[serde(default = "default_threshold")]
@@ -100,6 +110,12 @@ fn default_interval() -> Duration {
 fn default_check_timeout() -> Duration {
     Duration::from_secs(2)
 }
+fn default_relogin() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_fast_interval() -> Duration {
+    Duration::from_millis(200)
+}
 fn default_threshold() -> Spanned<u32> {
     Spanned::new(0..0, 2)
 }
@@ -107,7 +123,7 @@ fn default_database() -> String {
     "postgres".into()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Balance {
     #[default]
@@ -221,6 +237,10 @@ pub struct FileProxy {
     /// How long a session waits for a backend under its maxconn before it is refused.
     #[serde(default = "default_queue_timeout", with = "humantime_serde")]
     pub queue_timeout: Duration,
+    /// How long a new session waits for a backend when its port has none (a failover); "0s"
+    /// refuses at once.
+    #[serde(default = "default_wait_for_backend", with = "humantime_serde")]
+    pub wait_for_backend: Duration,
     /// Close write-port sessions with no traffic either way for this long; "0s" = never.
     #[serde(default, with = "humantime_serde")]
     pub write_idle_timeout: Duration,
@@ -247,6 +267,7 @@ impl Default for FileProxy {
             maxconn: default_maxconn(),
             backend_maxconn: 0,
             queue_timeout: default_queue_timeout(),
+            wait_for_backend: default_wait_for_backend(),
             write_idle_timeout: Duration::ZERO,
             read_idle_timeout: Duration::ZERO,
             tcp_keepalive: default_keepalive(),
@@ -270,6 +291,9 @@ fn default_threads() -> Spanned<usize> {
 }
 fn default_maxconn() -> u64 {
     10_000
+}
+fn default_wait_for_backend() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_queue_timeout() -> Duration {
     Duration::from_secs(5)

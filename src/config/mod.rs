@@ -14,6 +14,7 @@ use std::time::Duration;
 pub use error::ConfigError;
 pub use file::Balance;
 use file::FileConfig;
+use serde::{Serialize, Serializer};
 use toml::Spanned;
 
 /// A secret read from an env var or a file. Never printed: `Debug` and `Display` redact it.
@@ -65,10 +66,39 @@ impl fmt::Display for SecretSource {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// Serialises a duration as people write it in lb.toml ("1s", "250ms").
+fn human<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+/// Serialises where a secret comes from ("env:NAME", "file:/path"), never the secret.
+fn source<S: Serializer>(src: &Option<SecretSource>, s: S) -> Result<S::Ok, S::Error> {
+    match src {
+        Some(src) => s.serialize_str(&src.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+/// What to do when a secret named in the file cannot be read (env var unset, file missing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// A config error: what pglb needs to run and to reload.
+    Required,
+    /// Noted in `Config::missing_secrets` and left unset: `pglb check` (warnings) and the
+    /// promoter (which resolves only its own secrets).
+    Optional,
+}
+
+/// The validated config. Its serde form (`pglb check`) is every resolved setting under the
+/// lb.toml names; secrets appear only as where they come from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     /// The file this config was read from (for messages and the stats page).
+    #[serde(skip)]
     pub path: PathBuf,
+    /// Secrets named in the file that could not be read (with `Secrets::Optional` only).
+    #[serde(skip)]
+    pub missing_secrets: Vec<String>,
     pub listen: ListenConfig,
     pub check: CheckConfig,
     pub read: ReadConfig,
@@ -76,89 +106,128 @@ pub struct Config {
     pub stats: StatsConfig,
     /// `[promoter]`, present only when the file has it.
     pub promoter: Option<PromoterConfig>,
+    #[serde(rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
 
 /// Settings of `pglb-promoter` (see docs/failover.md).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PromoterConfig {
     /// May run pg_promote(), ALTER SYSTEM, read pg_stat_wal_receiver. Default "postgres".
     pub user: String,
     /// Where the password comes from; `SecretSource::resolve` reads it (promoter only).
+    #[serde(rename = "password_from", serialize_with = "source")]
     pub password: Option<SecretSource>,
     /// What re-pointed replicas use in primary_conninfo. Default "replicator".
     pub replication_user: String,
+    #[serde(rename = "replication_password_from", serialize_with = "source")]
     pub replication_password: Option<SecretSource>,
     /// How long the primary must be gone, witnesses agreeing. Default 3 s.
+    #[serde(serialize_with = "human")]
     pub failover_after: Duration,
     pub synchronous: bool,
     /// Promoter check interval. Default 500 ms.
+    #[serde(serialize_with = "human")]
     pub interval: Duration,
     /// pglb stats endpoints as written (`http://host:port`); empty: listen.stats on localhost.
     pub pglb_url: Vec<String>,
     pub listen: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ListenConfig {
     pub write: SocketAddr,
     pub read: SocketAddr,
     pub stats: SocketAddr,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CheckConfig {
     /// Time between two checks of one backend. Default 1 s.
+    #[serde(serialize_with = "human")]
     pub interval: Duration,
     /// Bound on one whole check: connect, login, query. Default 2 s.
+    #[serde(serialize_with = "human")]
     pub timeout: Duration,
+    /// Fresh login replacing the kept check connection. Default 1 min.
+    #[serde(serialize_with = "human")]
+    pub relogin: Duration,
+    /// Check interval while a port has no backend. Default 200 ms.
+    #[serde(serialize_with = "human")]
+    pub fast_interval: Duration,
     /// Consecutive successes to go up. Default 2.
     pub rise: u32,
     /// Consecutive failures to go down. Default 2.
     pub fall: u32,
     pub user: String,
+    #[serde(skip)]
     pub password: Option<Secret>,
+    #[serde(rename = "password_from", serialize_with = "source")]
     pub password_source: Option<SecretSource>,
     pub database: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReadConfig {
     pub balance: Balance,
     /// Bytes of WAL a replica may be behind the primary and still get new read sessions.
     pub max_lag: u64,
     /// Age of the last replayed transaction, while the primary has more WAL, that a replica may have.
+    #[serde(serialize_with = "human")]
     pub max_lag_time: Duration,
     pub fallback_to_primary: bool,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProxyConfig {
+    #[serde(serialize_with = "human")]
     pub connect_timeout: Duration,
+    #[serde(serialize_with = "human")]
     pub client_startup_timeout: Duration,
+    #[serde(serialize_with = "human")]
     pub shutdown_timeout: Duration,
+    #[serde(serialize_with = "human")]
     pub drain_timeout: Duration,
     pub close_on_writer_change: bool,
     /// Open client connections per listener. Default 10000.
     pub maxconn: u64,
     /// Queue wait for a backend at its maxconn. Default 5 s.
+    #[serde(serialize_with = "human")]
     pub queue_timeout: Duration,
+    /// Wait of a new session for a backend on a port that has none. Default 10 s; 0 = none.
+    #[serde(serialize_with = "human")]
+    pub wait_for_backend: Duration,
     /// Idle session timeouts per port; zero = off (the default).
+    #[serde(serialize_with = "human")]
     pub write_idle_timeout: Duration,
+    #[serde(serialize_with = "human")]
     pub read_idle_timeout: Duration,
+    #[serde(serialize_with = "human")]
     pub tcp_keepalive: Duration,
+    #[serde(serialize_with = "human")]
     pub tcp_user_timeout: Duration,
     /// Worker threads carrying sessions; 0 = one per CPU. A change needs a restart.
     pub threads: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct StatsConfig {
+    #[serde(skip)]
     pub admin_token: Option<Secret>,
     /// Basic-auth user and password required to read the stats pages (not `/health`).
+    #[serde(skip)]
     pub read_basic: Option<(String, Secret)>,
     /// Bearer token accepted for reading.
+    #[serde(skip)]
     pub read_token: Option<Secret>,
+    /// Where each secret comes from, for `pglb check`.
+    #[serde(rename = "admin_token_from", serialize_with = "source")]
+    pub admin_token_source: Option<SecretSource>,
+    pub read_user: Option<String>,
+    #[serde(rename = "read_password_from", serialize_with = "source")]
+    pub read_password_source: Option<SecretSource>,
+    #[serde(rename = "read_token_from", serialize_with = "source")]
+    pub read_token_source: Option<SecretSource>,
 }
 
 impl StatsConfig {
@@ -168,7 +237,7 @@ impl StatsConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BackendConfig {
     pub name: String,
     /// `host:port` as written; host names resolve at connect time.
@@ -192,30 +261,30 @@ impl Config {
         Config::parse(path, &src)
     }
 
-    /// Validates config text; `path` is only used in messages.
-    pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
-        Validator {
-            path,
-            src,
-            check_secret: true,
-        }
-        .run()
-    }
-
-    /// Like [`Config::load`] for `pglb-promoter`: the `[check]` password is pglb's secret, so it
-    /// is not read (`check.password` stays `None`, its source is kept); everything else is
-    /// validated alike.
-    pub fn load_for_promoter(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads and validates a config file, secrets as `secrets` says.
+    pub fn load_with(path: &Path, secrets: Secrets) -> Result<Config, ConfigError> {
         let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Validator {
+        Config::parse_with(path, &src, secrets)
+    }
+
+    /// Validates config text; `path` is only used in messages. Every secret must be readable.
+    pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(path, src, Secrets::Required)
+    }
+
+    pub fn parse_with(path: &Path, src: &str, secrets: Secrets) -> Result<Config, ConfigError> {
+        let v = Validator {
             path,
-            src: &src,
-            check_secret: false,
-        }
-        .run()
+            src,
+            secrets,
+            missing: std::cell::RefCell::new(Vec::new()),
+        };
+        let mut c = v.run()?;
+        c.missing_secrets = v.missing.into_inner();
+        Ok(c)
     }
 }
 
@@ -226,8 +295,8 @@ const MAX_THREADS: usize = 1024;
 struct Validator<'a> {
     path: &'a Path,
     src: &'a str,
-    /// Read `[check]`'s password now (pglb); false leaves it to its owner (the promoter).
-    check_secret: bool,
+    secrets: Secrets,
+    missing: std::cell::RefCell<Vec<String>>,
 }
 
 impl Validator<'_> {
@@ -328,20 +397,8 @@ impl Validator<'_> {
                 format!("must be at most {MAX_THREADS} (0 = one per CPU)"),
             ));
         }
-        let (password, password_source) = if self.check_secret {
-            self.secret(&c.password_env, &c.password_file, "check.password")?
-        } else {
-            let source = c
-                .password_env
-                .as_ref()
-                .map(|e| SecretSource::Env(e.get_ref().clone()))
-                .or_else(|| {
-                    c.password_file
-                        .as_ref()
-                        .map(|f| SecretSource::File(f.get_ref().into()))
-                });
-            (None, source)
-        };
+        let (password, password_source) =
+            self.secret(&c.password_env, &c.password_file, "check.password")?;
         let promoter = match &raw.promoter {
             None => None,
             Some(p) => {
@@ -425,18 +482,27 @@ impl Validator<'_> {
             });
         }
 
-        let (admin_token, _) = self.secret(
+        let (admin_token, admin_token_source) = self.secret(
             &raw.stats.admin_token_env,
             &raw.stats.admin_token_file,
             "stats.admin_token",
         )?;
 
         let st = &raw.stats;
+        let mut read_password_source = None;
         let read_basic = match (&st.read_user, &st.read_password_env, &st.read_password_file) {
             (None, None, None) => None,
             (Some(u), e, f) => match self.secret(e, f, "stats.read_password")? {
-                (Some(p), _) => Some((u.get_ref().clone(), p)),
-                (None, _) => {
+                (Some(p), src) => {
+                    read_password_source = src;
+                    Some((u.get_ref().clone(), p))
+                }
+                // Named but unreadable, with secrets optional (already noted as missing).
+                (None, Some(src)) => {
+                    read_password_source = Some(src);
+                    None
+                }
+                (None, None) => {
                     return Err(self.invalid(
                         u,
                         "stats.read_user",
@@ -459,15 +525,18 @@ impl Validator<'_> {
                 ))
             }
         };
-        let (read_token, _) =
+        let (read_token, read_token_source) =
             self.secret(&st.read_token_env, &st.read_token_file, "stats.read_token")?;
 
         Ok(Config {
             path: self.path.to_path_buf(),
+            missing_secrets: Vec::new(),
             listen: ListenConfig { write, read, stats },
             check: CheckConfig {
                 interval: c.interval,
                 timeout: c.timeout,
+                relogin: c.relogin,
+                fast_interval: c.fast_interval,
                 rise: *c.rise.get_ref(),
                 fall: *c.fall.get_ref(),
                 user: c.user.clone(),
@@ -489,6 +558,7 @@ impl Validator<'_> {
                 close_on_writer_change: raw.proxy.close_on_writer_change,
                 maxconn: raw.proxy.maxconn,
                 queue_timeout: raw.proxy.queue_timeout,
+                wait_for_backend: raw.proxy.wait_for_backend,
                 write_idle_timeout: raw.proxy.write_idle_timeout,
                 read_idle_timeout: raw.proxy.read_idle_timeout,
                 tcp_keepalive: raw.proxy.tcp_keepalive,
@@ -497,8 +567,12 @@ impl Validator<'_> {
             },
             stats: StatsConfig {
                 admin_token,
+                read_user: st.read_user.as_ref().map(|u| u.get_ref().clone()),
                 read_basic,
                 read_token,
+                admin_token_source,
+                read_password_source,
+                read_token_source,
             },
             promoter,
             backends,
@@ -519,33 +593,52 @@ impl Validator<'_> {
                 "set either the _env or the _file form, not both",
             )),
             (Some(var), None) => {
-                let v = std::env::var(var.get_ref()).map_err(|_| {
-                    self.invalid(
-                        var,
-                        &format!("{key}_env"),
-                        format!("environment variable {} is not set", var.get_ref()),
-                    )
-                })?;
-                Ok((
-                    Some(Secret(v)),
-                    Some(SecretSource::Env(var.get_ref().clone())),
-                ))
+                let src = SecretSource::Env(var.get_ref().clone());
+                match std::env::var(var.get_ref()) {
+                    Ok(v) => Ok((Some(Secret(v)), Some(src))),
+                    Err(_) => self.missing(
+                        self.invalid(
+                            var,
+                            &format!("{key}_env"),
+                            format!("environment variable {} is not set", var.get_ref()),
+                        ),
+                        src,
+                    ),
+                }
             }
             (None, Some(f)) => {
                 let p = PathBuf::from(f.get_ref());
-                let v = std::fs::read_to_string(&p).map_err(|e| {
-                    self.invalid(
-                        f,
-                        &format!("{key}_file"),
-                        format!("cannot read {}: {e}", p.display()),
-                    )
-                })?;
-                Ok((
-                    Some(Secret(v.trim_end_matches(['\n', '\r']).to_string())),
-                    Some(SecretSource::File(p)),
-                ))
+                match std::fs::read_to_string(&p) {
+                    Ok(v) => Ok((
+                        Some(Secret(v.trim_end_matches(['\n', '\r']).to_string())),
+                        Some(SecretSource::File(p)),
+                    )),
+                    Err(e) => self.missing(
+                        self.invalid(
+                            f,
+                            &format!("{key}_file"),
+                            format!("cannot read {}: {e}", p.display()),
+                        ),
+                        SecretSource::File(p),
+                    ),
+                }
             }
             (None, None) => Ok((None, None)),
+        }
+    }
+
+    /// A secret that cannot be read: an error, or (secrets optional) noted and left unset.
+    fn missing(
+        &self,
+        error: ConfigError,
+        src: SecretSource,
+    ) -> Result<(Option<Secret>, Option<SecretSource>), ConfigError> {
+        match self.secrets {
+            Secrets::Required => Err(error),
+            Secrets::Optional => {
+                self.missing.borrow_mut().push(error.to_string());
+                Ok((None, Some(src)))
+            }
         }
     }
 
@@ -564,67 +657,11 @@ impl Validator<'_> {
 }
 
 impl Config {
-    /// The resolved settings as TOML-like text, for `pglb check`. Secrets show only their source.
+    /// Every resolved setting as lb.toml text, for `pglb check`. Secrets show only their source.
     pub fn describe(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::new();
-        let h = |d: Duration| humantime::format_duration(d).to_string();
-        let _ = writeln!(s, "# resolved from {}", self.path.display());
-        let _ = writeln!(s, "[listen]");
-        let _ = writeln!(s, "write = \"{}\"", self.listen.write);
-        let _ = writeln!(s, "read = \"{}\"", self.listen.read);
-        let _ = writeln!(s, "stats = \"{}\"", self.listen.stats);
-        let _ = writeln!(s, "\n[check]");
-        let _ = writeln!(s, "interval = \"{}\"", h(self.check.interval));
-        let _ = writeln!(s, "timeout = \"{}\"", h(self.check.timeout));
-        let _ = writeln!(s, "rise = {}", self.check.rise);
-        let _ = writeln!(s, "fall = {}", self.check.fall);
-        let _ = writeln!(s, "user = \"{}\"", self.check.user);
-        let _ = writeln!(
-            s,
-            "password = {}",
-            match &self.check.password_source {
-                Some(src) => format!("\"<from {src}>\""),
-                None => "none (trust)".into(),
-            }
-        );
-        let _ = writeln!(s, "database = \"{}\"", self.check.database);
-        let _ = writeln!(s, "\n[read]");
-        let _ = writeln!(s, "balance = \"{}\"", self.read.balance.as_str());
-        let _ = writeln!(s, "max_lag = {} # bytes", self.read.max_lag);
-        let _ = writeln!(s, "max_lag_time = \"{}\"", h(self.read.max_lag_time));
-        let _ = writeln!(s, "fallback_to_primary = {}", self.read.fallback_to_primary);
-        let p = &self.proxy;
-        let _ = writeln!(s, "\n[proxy]");
-        let _ = writeln!(s, "connect_timeout = \"{}\"", h(p.connect_timeout));
-        let _ = writeln!(
-            s,
-            "client_startup_timeout = \"{}\"",
-            h(p.client_startup_timeout)
-        );
-        let _ = writeln!(s, "shutdown_timeout = \"{}\"", h(p.shutdown_timeout));
-        let _ = writeln!(s, "drain_timeout = \"{}\"", h(p.drain_timeout));
-        let _ = writeln!(s, "close_on_writer_change = {}", p.close_on_writer_change);
-        let _ = writeln!(s, "tcp_keepalive = \"{}\"", h(p.tcp_keepalive));
-        let _ = writeln!(s, "tcp_user_timeout = \"{}\"", h(p.tcp_user_timeout));
-        let _ = writeln!(s, "threads = {}", p.threads);
-        let _ = writeln!(s, "\n[stats]");
-        let _ = writeln!(
-            s,
-            "admin_token = {}",
-            if self.stats.admin_token.is_some() {
-                "configured (admin actions on)"
-            } else {
-                "none (admin actions off)"
-            }
-        );
-        for b in &self.backends {
-            let _ = writeln!(s, "\n[[backend]]");
-            let _ = writeln!(s, "name = \"{}\"", b.name);
-            let _ = writeln!(s, "address = \"{}\"", b.address);
-            let _ = writeln!(s, "weight = {}", b.weight);
-        }
-        s
+        let body = toml::to_string(self)
+            .unwrap_or_else(|e| format!("# cannot print the resolved config: {e}\n"));
+        format!("# resolved from {}\n{body}", self.path.display())
     }
 }
 

@@ -1,37 +1,33 @@
-//! The stats listener: `GET /` (HTML page), `/stats.json`, `/metrics` (Prometheus) and `/health`.
-//! Handlers render from a `Snapshot` taken without holding any lock while formatting.
+//! The stats listener: `GET /` (HTML page), `/stats.json`, `/metrics` (Prometheus), `/health`
+//! and `/live`, plus the admin API. Handlers render from the control plane's newest `View` (an
+//! `Arc`, no lock held while formatting). `server` is the HTTP serve loop both binaries use.
 
-mod snapshot;
+pub mod server;
 mod stats_page;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics::{counter, gauge};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::backend::AdminState;
-
-pub use snapshot::{BackendSnapshot, ReloadStatus, Snapshot};
-
-use crate::routing::Cluster;
+use crate::backend::Role;
+use crate::control::Control;
+use crate::metrics as m;
+use crate::proxy::PortRole;
+use crate::view::{AdminState, View};
 
 /// What the HTTP handlers read.
 pub struct StatsContext {
-    pub cluster: Arc<Cluster>,
-    pub started: Instant,
+    pub control: Control,
     pub prometheus: Option<PrometheusHandle>,
-    pub reload: Arc<std::sync::Mutex<ReloadStatus>>,
     /// Cancelled on SIGTERM/SIGINT: `/live` answers 503 from then on, while the listeners drain.
     pub shutting_down: CancellationToken,
 }
@@ -56,8 +52,8 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 /// otherwise with the basic-auth user and password, the read token or the admin token.
 fn may_read(req: &Request<Incoming>, ctx: &StatsContext) -> bool {
     use base64::Engine;
-    let cfg = ctx.cluster.config();
-    let st = &cfg.stats;
+    let view = ctx.control.view();
+    let st = &view.config().stats;
     if !st.read_protected() {
         return true;
     }
@@ -85,9 +81,9 @@ fn may_read(req: &Request<Incoming>, ctx: &StatsContext) -> bool {
 }
 
 /// `POST /api/backends/{name}/{drain|disable|enable}` with `Authorization: Bearer <token>`.
-fn admin(req: &Request<Incoming>, ctx: &StatsContext, name: &str, action: &str) -> Resp {
-    let cfg = ctx.cluster.config();
-    let Some(token) = &cfg.stats.admin_token else {
+async fn admin(req: &Request<Incoming>, ctx: &StatsContext, name: &str, action: &str) -> Resp {
+    let view = ctx.control.view();
+    let Some(token) = &view.config().stats.admin_token else {
         return text(
             StatusCode::FORBIDDEN,
             "text/plain",
@@ -121,33 +117,31 @@ fn admin(req: &Request<Incoming>, ctx: &StatsContext, name: &str, action: &str) 
             )
         }
     };
-    let Some(backend) = ctx.cluster.find(name) else {
-        return text(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            format!("no backend named {name:?}\n"),
-        );
-    };
-    let before = backend.admin_state();
-    backend.set_admin_state(state);
-    ctx.cluster.recompute();
-    info!(backend = %name, from = ?before, to = ?state, "admin action");
+    match ctx.control.admin(name, state).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                format!("no backend named {name:?}\n"),
+            )
+        }
+        Err(e) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{e}\n"),
+            )
+        }
+    }
     text(
         StatusCode::OK,
         "application/json",
         format!(
             "{{\"backend\":{name:?},\"admin_state\":\"{}\"}}\n",
-            action_state(state)
+            state.as_str()
         ),
     )
-}
-
-fn action_state(s: AdminState) -> &'static str {
-    match s {
-        AdminState::Enabled => "enabled",
-        AdminState::Drain => "drain",
-        AdminState::Disabled => "disabled",
-    }
 }
 
 async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, Infallible> {
@@ -161,7 +155,7 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
             ));
         }
         let resp = match rest.split_once('/') {
-            Some((name, action)) => admin(&req, &ctx, name, action),
+            Some((name, action)) => admin(&req, &ctx, name, action).await,
             None => text(
                 StatusCode::NOT_FOUND,
                 "text/plain",
@@ -201,22 +195,17 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
         ));
     }
     let resp = match path.as_str() {
-        "/" => {
-            let snap = Snapshot::take(&ctx);
-            text(
-                StatusCode::OK,
-                "text/html; charset=utf-8",
-                stats_page::render(&snap),
-            )
-        }
+        "/" => text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            stats_page::render(&ctx.control.view().live()),
+        ),
         "/stats.json" => {
-            let snap = Snapshot::take(&ctx);
-            let body = serde_json::to_vec_pretty(&snap).unwrap_or_default();
+            let body = serde_json::to_vec_pretty(&ctx.control.view().live()).unwrap_or_default();
             text(StatusCode::OK, "application/json", body)
         }
         "/metrics" => {
-            let snap = Snapshot::take(&ctx);
-            snap.export_metrics();
+            export_metrics(&ctx.control.view().live());
             let body = ctx
                 .prometheus
                 .as_ref()
@@ -225,12 +214,12 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
             text(StatusCode::OK, "text/plain; version=0.0.4", body)
         }
         "/health" => {
-            let table = ctx.cluster.routing();
-            match &table.primary {
+            let view = ctx.control.view();
+            match &view.primary {
                 Some(p) => text(
                     StatusCode::OK,
                     "text/plain",
-                    format!("ok: primary is {}\n", p.name),
+                    format!("ok: primary is {p}\n"),
                 ),
                 None => text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -244,35 +233,39 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
     Ok(resp)
 }
 
-/// Serves HTTP on `listener` until `stop` is cancelled.
+/// Serves the stats listener until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, ctx: Arc<StatsContext>, stop: CancellationToken) {
     info!(addr = ?listener.local_addr().ok(), "stats listening");
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    debug!(error = %e, "stats accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let io = TokioIo::new(stream);
-            let svc = service_fn(move |req| route(req, ctx.clone()));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => { if let Err(e) = r { debug!(error = %e, "stats connection error"); } }
-                _ = stop.cancelled() => {}
-            }
+    server::serve(listener, stop, move |req| route(req, ctx.clone())).await
+}
+
+/// Publishes the per-backend gauges and byte counters (kept as atomics on the hot path).
+fn export_metrics(v: &View) {
+    gauge!(m::PRIMARY_KNOWN).set(if v.primary.is_some() { 1.0 } else { 0.0 });
+    for b in &v.backends {
+        let name = b.name.clone();
+        m::backend_zeros(&name);
+        gauge!(m::BACKEND_UP, "backend" => name.clone()).set(if b.state == "up" {
+            1.0
+        } else {
+            0.0
         });
+        for role in [Role::Primary, Role::Replica, Role::Fenced, Role::Unknown] {
+            gauge!(m::BACKEND_ROLE, "backend" => name.clone(), "role" => role.as_str())
+                .set(if b.role == role { 1.0 } else { 0.0 });
+        }
+        if let Some(l) = b.lag_bytes {
+            gauge!(m::REPLICA_LAG_BYTES, "backend" => name.clone()).set(l as f64);
+        }
+        if let Some(l) = b.lag_seconds {
+            gauge!(m::REPLICA_LAG_SECONDS, "backend" => name.clone()).set(l);
+        }
+        for p in [PortRole::Write, PortRole::Read] {
+            let s = b.port(p);
+            counter!(m::BYTES_TOTAL, "backend" => name.clone(), "port" => p.as_str(), "direction" => "in")
+                .absolute(s.bytes_in);
+            counter!(m::BYTES_TOTAL, "backend" => name.clone(), "port" => p.as_str(), "direction" => "out")
+                .absolute(s.bytes_out);
+        }
     }
 }

@@ -1,10 +1,9 @@
 //! The HTML stats page: a template (`templates/stats.html`, askama, escaped by default) filled
-//! from a `Snapshot`. One table per port, one row per backend; refreshes itself, no JavaScript.
+//! from a `View`. One table per port, one row per backend; refreshes itself, no JavaScript.
 
 use askama::Template;
 
-use super::snapshot::{BackendSnapshot, PortSnapshot};
-use super::Snapshot;
+use crate::view::{BackendView, PortView, View};
 
 struct Row {
     name: String,
@@ -35,7 +34,7 @@ struct PortTable {
 #[derive(Template)]
 #[template(path = "stats.html")]
 struct Page {
-    version: &'static str,
+    version: String,
     uptime: String,
     config_file: String,
     generation: u64,
@@ -75,12 +74,12 @@ fn bytes(n: u64) -> String {
     }
 }
 
-fn row(b: &BackendSnapshot, p: &PortSnapshot, target: bool) -> Row {
+fn row(b: &BackendView, p: &PortView, target: bool) -> Row {
     Row {
         name: b.name.clone(),
         address: b.address.clone(),
         role: b.role.as_str(),
-        state: b.state,
+        state: b.state.as_str(),
         since: duration(b.seconds_since_change),
         lag_bytes: b.lag_bytes.map(bytes).unwrap_or_default(),
         lag_seconds: b.lag_seconds.map(|s| format!("{s:.1}")).unwrap_or_default(),
@@ -99,8 +98,8 @@ fn row(b: &BackendSnapshot, p: &PortSnapshot, target: bool) -> Row {
     }
 }
 
-pub fn render(s: &Snapshot) -> String {
-    let is_primary = |b: &BackendSnapshot| s.primary.as_deref() == Some(b.name.as_str());
+pub fn render(s: &View) -> String {
+    let is_primary = |b: &BackendView| s.primary.as_deref() == Some(b.name.as_str());
     let write = PortTable {
         title: "write port",
         listen: s.listen.write.clone(),
@@ -124,7 +123,7 @@ pub fn render(s: &Snapshot) -> String {
             .collect(),
     };
     let page = Page {
-        version: s.version,
+        version: s.version.clone(),
         uptime: duration(s.uptime_seconds),
         config_file: s.config_file.clone(),
         generation: s.generation,
@@ -167,21 +166,21 @@ mod tests {
         assert_eq!(bytes(16 << 20), "16.0 MB");
     }
 
-    fn snapshot() -> Snapshot {
-        let port = PortSnapshot {
+    fn snapshot() -> View {
+        let port = PortView {
             sessions_active: 3,
             sessions_total: 40,
             sessions_max: 7,
             bytes_in: 2048,
             bytes_out: 1 << 20,
         };
-        let b = BackendSnapshot {
+        let b = BackendView {
             name: "pg-1".into(),
             address: "10.0.0.2:5432".into(),
             weight: 1,
             role: Role::Replica,
-            state: "down",
-            admin_state: crate::backend::AdminState::Enabled,
+            state: crate::view::Status::Down,
+            admin_state: crate::view::AdminState::Enabled,
             seconds_since_change: 65.0,
             in_recovery: Some(true),
             timeline: Some(2),
@@ -195,13 +194,14 @@ mod tests {
             check_latency_ms: Some(3.25),
             last_check_unix: None,
             last_error: Some("authentication failed: <b>bad</b>".into()),
-            last_error_kind: Some("auth"),
+            last_error_kind: Some("auth".into()),
             sessions_active: 6,
-            write: port.clone(),
+            write: port,
             read: port,
+            ..Default::default()
         };
-        Snapshot {
-            version: "0.0.0",
+        View {
+            version: "0.0.0".into(),
             uptime_seconds: 10.0,
             config_file: "lb.toml".into(),
             generation: 4,
@@ -209,12 +209,13 @@ mod tests {
             primary: None,
             readers: vec![],
             fallback_to_primary: false,
-            listen: super::super::snapshot::Listen {
+            listen: crate::view::Listen {
                 write: "w".into(),
                 read: "r".into(),
                 stats: "s".into(),
             },
             backends: vec![b],
+            ..Default::default()
         }
     }
 

@@ -523,7 +523,6 @@ pub(crate) mod tests {
                 ActError::Server {
                     node: node.into(),
                     what: "scripted",
-                    code: None,
                     source: ProbeError::Refused,
                 },
             );
@@ -550,7 +549,6 @@ pub(crate) mod tests {
                 Err(ActError::Server {
                     node: node.into(),
                     what: "position",
-                    code: None,
                     source: ProbeError::Refused,
                 })
             })
@@ -637,7 +635,6 @@ pub(crate) mod tests {
         Err(ActError::Server {
             node: "pg-0".into(),
             what: "position",
-            code: None,
             source: ProbeError::Refused,
         })
     }

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Secrets};
 use crate::reload;
 use decide::{Action, Command, Decision, Event, Policy, State};
 use http::{FailoverRecord, NodeSummary, Shared, Status};
@@ -158,7 +158,7 @@ async fn reload_loop(
             return;
         }
         // The promoter's own reading of the file: pglb's check password is not its business.
-        let result = match Config::load_for_promoter(&path) {
+        let result = match Config::load_with(&path, Secrets::Optional) {
             Ok(c) if c == current => {
                 info!(path = %path.display(), "config unchanged");
                 "unchanged".to_string()

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::time::Instant;
 use tokio_postgres::SimpleQueryMessage;
 
@@ -19,6 +19,7 @@ use crate::backend::net::connect_tcp;
 use crate::backend::probe::{self, ProbeError, ProbeReport};
 use crate::config::Secret;
 use crate::pg::Lsn;
+use crate::view::{Status, View};
 
 /// Everything seen in one look.
 #[derive(Debug, Clone)]
@@ -242,7 +243,7 @@ pub async fn node_status(address: &str, login: &Login) -> Result<NodeStatus, Pro
     let rows = client
         .simple_query(NODE_QUERY)
         .await
-        .map_err(probe::classify)?;
+        .map_err(|e| probe::classify(e, true))?;
     let row = rows
         .iter()
         .find_map(|m| match m {
@@ -392,30 +393,15 @@ pub enum PglbReadError {
     Timeout { addr: String, after: Duration },
 }
 
-/// The fields of pglb's `/stats.json` the promoter reads (the documented schema:
-/// `primary`, and per backend `name` and `state`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct PglbStats {
-    pub primary: Option<String>,
-    #[serde(default)]
-    pub backends: Vec<PglbBackend>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct PglbBackend {
-    pub name: String,
-    /// `up`, `down`, ...
-    pub state: String,
-}
-
-impl From<PglbStats> for PglbView {
-    fn from(s: PglbStats) -> PglbView {
+impl From<View> for PglbView {
+    /// What a witness says: where pglb sends writes and which backends it has up.
+    fn from(v: View) -> PglbView {
         PglbView::Reachable {
-            primary: s.primary,
-            up: s
+            primary: v.primary,
+            up: v
                 .backends
                 .into_iter()
-                .filter(|b| b.state == "up")
+                .filter(|b| b.state == Status::Up)
                 .map(|b| b.name)
                 .collect(),
         }
@@ -432,13 +418,13 @@ pub async fn pglb_view(addr: &str, authorization: Option<&Secret>, timeout: Dura
     }
 }
 
-/// `GET /stats.json` over one HTTP/1.1 connection (hyper's client), the whole exchange
-/// bounded by `timeout`.
+/// `GET /stats.json` over one HTTP/1.1 connection (hyper's client) into pglb's own `View`, the
+/// whole exchange bounded by `timeout`.
 pub async fn read_pglb_stats(
     addr: &str,
     authorization: Option<&Secret>,
     timeout: Duration,
-) -> Result<PglbStats, PglbReadError> {
+) -> Result<View, PglbReadError> {
     let exchange = async {
         let stream = connect_tcp(addr, timeout)
             .await
@@ -494,16 +480,23 @@ mod tests {
     use super::*;
 
     fn parse(body: &str) -> Result<PglbView, serde_json::Error> {
-        serde_json::from_str::<PglbStats>(body).map(PglbView::from)
+        serde_json::from_str::<View>(body).map(PglbView::from)
     }
 
     #[test]
     fn pglb_stats_fields() {
-        let v = parse(
-            r#"{"primary":"pg-1","backends":[{"name":"pg-0","state":"down","role":"unknown"},
-            {"name":"pg-1","state":"up","role":"primary"}]}"#,
-        )
-        .unwrap();
+        let backend = |name: &str, state: Status| crate::view::BackendView {
+            name: name.into(),
+            state,
+            ..Default::default()
+        };
+        // What pglb serves, read back through the same type.
+        let view = View {
+            primary: Some("pg-1".into()),
+            backends: vec![backend("pg-0", Status::Down), backend("pg-1", Status::Up)],
+            ..Default::default()
+        };
+        let v = parse(&serde_json::to_string(&view).unwrap()).unwrap();
         assert_eq!(
             v,
             PglbView::Reachable {
@@ -513,7 +506,8 @@ mod tests {
         );
         assert_eq!(v.sees_primary().as_deref(), Some("pg-1"));
         assert!(!v.sees_up("pg-0"));
-        let none = parse(r#"{"primary":null,"backends":[]}"#).unwrap();
+        let none = View::default();
+        let none = parse(&serde_json::to_string(&none).unwrap()).unwrap();
         assert_eq!(none.sees_primary(), None);
         assert!(parse("<html>").is_err());
     }

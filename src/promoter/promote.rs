@@ -64,8 +64,6 @@ pub enum ActError {
     Server {
         node: String,
         what: &'static str,
-        /// The server's SQLSTATE when it answered with an error.
-        code: Option<SqlState>,
         #[source]
         source: ProbeError,
     },
@@ -202,7 +200,6 @@ impl PgPromoter {
             .map_err(|source| ActError::Server {
                 node: node.name.clone(),
                 what,
-                code: None,
                 source,
             })
     }
@@ -226,8 +223,7 @@ impl PgPromoter {
                     .map_err(|e| ActError::Server {
                         node: node.name.clone(),
                         what,
-                        code: e.code().cloned(),
-                        source: probe::classify(e),
+                        source: probe::classify(e, true),
                     })?;
                 last = msgs.into_iter().find_map(|m| match m {
                     SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
@@ -269,7 +265,6 @@ impl PgPromoter {
             Ok(r) => r.map_err(|source| ActError::Server {
                 node: node.name.clone(),
                 what: "read status",
-                code: None,
                 source,
             }),
             Err(_) => Err(ActError::Timeout {
@@ -384,9 +379,11 @@ impl Promoter for PgPromoter {
             .await;
         match r {
             // Created by someone else in between: what we wanted.
-            Err(ActError::Server {
-                code: Some(code), ..
-            }) if code == SqlState::DUPLICATE_OBJECT => Ok(()),
+            Err(ActError::Server { source, .. })
+                if source.code() == Some(&SqlState::DUPLICATE_OBJECT) =>
+            {
+                Ok(())
+            }
             r => r.map(|_| ()),
         }
     }

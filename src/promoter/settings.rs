@@ -84,10 +84,11 @@ impl Login {
         if let Some(pw) = &self.password {
             cfg.password(pw.expose());
         }
+        let has_pw = self.password.is_some();
         let (client, connection) = cfg
             .connect_raw(stream, NoTls)
             .await
-            .map_err(probe::classify)?;
+            .map_err(|e| probe::classify(e, has_pw))?;
         tokio::spawn(connection);
         Ok(client)
     }
@@ -106,6 +107,13 @@ pub enum SettingsError {
     },
     #[error("{path}: promoter.pglb_url {url:?}: only http://host:port[/] is supported")]
     PglbUrl { path: String, url: String },
+    /// pglb protects `/stats.json` and the credential the promoter would send cannot be read.
+    #[error("{path}: {key}: {message} (the promoter reads pglb's /stats.json with it)")]
+    PglbSecret {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
 }
 
 /// The promoter's resolved settings.
@@ -170,22 +178,44 @@ impl Settings {
                 })
                 .collect::<Result<_, _>>()?
         };
+        // pglb's read credential, in pglb's order: read token, admin token, Basic read user.
+        // The file is read with secrets optional (pglb's check password is not ours), so one
+        // named but unreadable here is an error now rather than a witness that answers 401.
         let pglb_authorization = {
             use base64::Engine;
             let st = &c.stats;
-            st.read_token
-                .as_ref()
-                .or(st.admin_token.as_ref())
-                .map(|t| Secret::new(format!("Bearer {}", t.expose())))
-                .or_else(|| {
-                    st.read_basic.as_ref().map(|(user, pw)| {
-                        let raw = format!("{user}:{}", pw.expose());
-                        Secret::new(format!(
-                            "Basic {}",
-                            base64::engine::general_purpose::STANDARD.encode(raw)
-                        ))
-                    })
-                })
+            let unreadable =
+                |key: &'static str, src: &crate::config::SecretSource| SettingsError::PglbSecret {
+                    path: path.clone(),
+                    key,
+                    message: src.resolve().err().unwrap_or_else(|| "not readable".into()),
+                };
+            let bearer = |t: &Secret| Secret::new(format!("Bearer {}", t.expose()));
+            if let Some(src) = &st.read_token_source {
+                Some(bearer(
+                    st.read_token
+                        .as_ref()
+                        .ok_or_else(|| unreadable("stats.read_token", src))?,
+                ))
+            } else if let Some(src) = &st.admin_token_source {
+                Some(bearer(
+                    st.admin_token
+                        .as_ref()
+                        .ok_or_else(|| unreadable("stats.admin_token", src))?,
+                ))
+            } else if let Some(src) = &st.read_password_source {
+                let (user, pw) = st
+                    .read_basic
+                    .as_ref()
+                    .ok_or_else(|| unreadable("stats.read_password", src))?;
+                let raw = format!("{user}:{}", pw.expose());
+                Some(Secret::new(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(raw)
+                )))
+            } else {
+                None
+            }
         };
         Ok(Settings {
             members: c.backends.iter().map(Member::from_config).collect(),
@@ -241,6 +271,7 @@ pub fn parse_http_url(url: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secrets;
     use std::path::Path;
 
     #[test]
@@ -379,10 +410,26 @@ no_failover = true
         )
         .unwrap();
         assert!(Config::load(&path).is_err(), "pglb needs it");
-        let c = Config::load_for_promoter(&path).unwrap();
+        let c = Config::load_with(&path, Secrets::Optional).unwrap();
         assert!(c.check.password.is_none());
         let s = Settings::from_config(&c).unwrap();
         assert_eq!(s.login.user, "postgres");
         assert_eq!(s.login.password, None);
+    }
+
+    #[test]
+    fn pglb_read_credentials_named_but_unreadable_are_an_error() {
+        let c = Config::parse_with(
+            Path::new("lb.toml"),
+            &CFG.replace(
+                "[check]",
+                "[stats]\nread_token_env = \"PGLB_TEST_SURELY_UNSET_READ_TOKEN\"\n[check]",
+            ),
+            Secrets::Optional,
+        )
+        .unwrap();
+        let e = Settings::from_config(&c).unwrap_err().to_string();
+        assert!(e.contains("stats.read_token"), "{e}");
+        assert!(e.contains("PGLB_TEST_SURELY_UNSET_READ_TOKEN"), "{e}");
     }
 }

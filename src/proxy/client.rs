@@ -3,7 +3,7 @@
 //! Write-port sessions end when their backend stops being the primary.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,13 +13,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::splice::{splice, Activity, SpliceError};
+use super::PortRole;
 use crate::backend::net::{connect_tcp, ConnectError, SocketTuning};
 use crate::backend::probe::ProbeError;
-use crate::backend::{Backend, PortRole, SessionSlot};
+use crate::backend::{SessionSlot, SlotWaiters};
 use crate::config::Config;
+use crate::control::Control;
 use crate::metrics as m;
 use crate::pg::{self, sqlstate, FirstPacket, PacketError};
-use crate::routing::Cluster;
+use crate::view::View;
 
 /// Why reading the first packet failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,12 +74,20 @@ async fn send_fatal(client: &mut TcpStream, code: &str, message: &str) {
     let _ = client.shutdown().await;
 }
 
-/// Everything a session needs from the process.
-#[derive(Clone)]
-pub struct SessionContext {
-    pub cluster: Arc<Cluster>,
+/// Everything a session needs from the process, behind one pointer: every session holds it for
+/// its whole life, so its size counts per idle session.
+pub type SessionContext = Arc<SessionShared>;
+
+pub struct SessionShared {
+    pub control: Control,
+    /// Round-robin position and leastconn tie-breaker, shared by every worker thread.
+    pub rr: AtomicUsize,
+    /// Sessions waiting for a slot on a full backend.
+    pub waiters: Arc<SlotWaiters>,
     /// Cancelled when the shutdown grace period is over: cut every session.
     pub hard_stop: CancellationToken,
+    /// Cancelled on SIGTERM: sessions waiting for a backend get their FATAL at once.
+    pub shutting_down: CancellationToken,
 }
 
 /// A client's whole life: the first exchange, then the session.
@@ -107,7 +117,9 @@ async fn start(
     port: PortRole,
     ctx: SessionContext,
 ) -> Option<(TcpStream, TcpStream, SessionSlot)> {
-    let cfg = ctx.cluster.config();
+    let view = ctx.control.view();
+    let cfg = view.config().clone();
+    drop(view);
     // The client socket has its options from the listener (proxy::listener).
     let tuning = SocketTuning::from(&cfg.proxy);
     let startup_timeout = cfg.proxy.client_startup_timeout;
@@ -140,7 +152,7 @@ async fn start(
     };
 
     if let FirstPacket::CancelRequest { pid, key } = parsed {
-        forward_cancel(&ctx.cluster, pid, key, cfg.proxy.connect_timeout).await;
+        forward_cancel(&ctx.control.view(), pid, key, cfg.proxy.connect_timeout).await;
         return None;
     }
 
@@ -251,20 +263,25 @@ enum Choice {
 async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]) -> Choice {
     let deadline = tokio::time::Instant::now() + cfg.proxy.queue_timeout;
     let mut queued = false;
+    // Registered as a waiter only once every candidate was found full; a session that ends
+    // wakes waiters only when there are some, so the common path takes no shared lock.
+    let mut waiting = None;
+    let mut backend_wait: Option<BackendWait> = None;
     loop {
-        // Register for wake-ups before looking, so a slot freed in between is not missed.
-        let freed = ctx.cluster.slot_freed.notified();
+        // Enabled before looking, so a slot freed in between is not missed.
+        let freed = ctx.waiters.notified();
         tokio::pin!(freed);
         freed.as_mut().enable();
-        let table = ctx.cluster.routing();
-        let mut full: Option<Arc<Backend>> = None;
-        for b in table.candidates(port, &ctx.cluster.rr) {
-            let Some(mut slot) = b.try_reserve(port, &ctx.cluster.slot_freed) else {
-                full.get_or_insert(b);
+        let view = ctx.control.view();
+        let mut full: Option<(String, u64)> = None;
+        for t in view.candidates(port, &ctx.rr) {
+            let Some(mut slot) = t.handle.try_reserve(port, t.view.maxconn, &ctx.waiters) else {
+                full.get_or_insert((t.view.name.clone(), t.view.maxconn));
                 continue;
             };
-            let address = b.config().address.clone();
-            match open_backend(&address, cfg.proxy.connect_timeout, first).await {
+            let b = t.handle;
+            let address = &t.view.address;
+            match open_backend(address, cfg.proxy.connect_timeout, first).await {
                 Ok((s, answer)) => {
                     slot.connected();
                     slot.backend()
@@ -280,25 +297,63 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]
                         e,
                         ConnectError::Refused | ConnectError::Timeout(_) | ConnectError::Dns(_)
                     ) {
-                        let (rise, fall) = ctx.cluster.rise_fall();
-                        b.report_connect_failure(ProbeError::from(e), rise, fall);
+                        ctx.control.connect_failed(b, ProbeError::from(e));
                     }
                 }
             }
         }
-        let Some(full) = full else {
-            return Choice::NoBackend;
+        drop(view);
+        let Some((backend, maxconn)) = full else {
+            // No backend for this port right now (a failover in progress, every candidate
+            // refusing): wait for one, up to wait_for_backend, instead of failing the client.
+            let wait = cfg.proxy.wait_for_backend;
+            if wait.is_zero() || ctx.shutting_down.is_cancelled() {
+                return Choice::NoBackend;
+            }
+            let w = match &mut backend_wait {
+                Some(w) => w,
+                None => {
+                    let mut rx = ctx.control.subscribe();
+                    rx.borrow_and_update();
+                    m::sessions_waiting(port, 1.0);
+                    debug!(wait = ?wait, "no backend for this port: waiting for one");
+                    // Look once more now that changes are watched, so none is missed.
+                    backend_wait = Some(BackendWait {
+                        rx,
+                        until: tokio::time::Instant::now() + wait,
+                        port,
+                    });
+                    continue;
+                }
+            };
+            if tokio::time::Instant::now() >= w.until {
+                return Choice::NoBackend;
+            }
+            tokio::select! {
+                r = w.rx.changed() => {
+                    if r.is_err() {
+                        return Choice::NoBackend;
+                    }
+                }
+                _ = tokio::time::sleep_until(w.until) => {}
+                // A refusing backend may come back without any routing change.
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = ctx.shutting_down.cancelled() => return Choice::NoBackend,
+            }
+            continue;
         };
+        if waiting.is_none() {
+            // Look once more as a registered waiter before sleeping.
+            waiting = Some(ctx.waiters.register());
+            continue;
+        }
         if !queued {
             queued = true;
             m::session_queued(port);
-            info!(backend = %full.name, maxconn = full.config().maxconn, "backend at maxconn: session queued");
+            info!(%backend, maxconn, "backend at maxconn: session queued");
         }
         if tokio::time::Instant::now() >= deadline {
-            return Choice::Full {
-                backend: full.name.clone(),
-                maxconn: full.config().maxconn,
-            };
+            return Choice::Full { backend, maxconn };
         }
         tokio::select! {
             _ = &mut freed => {}
@@ -306,6 +361,20 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]
             // Routing may change (a new replica comes up) without any session ending.
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
+    }
+}
+
+/// A session waiting for its port to have a backend: counted in `pglb_sessions_waiting` until
+/// dropped.
+struct BackendWait {
+    rx: tokio::sync::watch::Receiver<Arc<View>>,
+    until: tokio::time::Instant,
+    port: PortRole,
+}
+
+impl Drop for BackendWait {
+    fn drop(&mut self) {
+        m::sessions_waiting(self.port, -1.0);
     }
 }
 
@@ -347,7 +416,7 @@ async fn open_backend(
     };
     match tokio::time::timeout_at(started + timeout, exchange).await {
         Ok(Ok(answer)) => Ok((s, answer)),
-        Ok(Err(e)) => Err(ConnectError::Io(e.to_string())),
+        Ok(Err(e)) => Err(ConnectError::io(e)),
         Err(_) => Err(ConnectError::Timeout(timeout)),
     }
 }
@@ -389,7 +458,15 @@ async fn session(
     let backend = slot.backend().clone();
     let counters = backend.counters(port);
 
-    let mut routing = ctx.cluster.subscribe();
+    let mut routing = ctx.control.subscribe();
+    let idle_timeout = {
+        let view = routing.borrow();
+        let cfg = view.config();
+        match port {
+            PortRole::Write => cfg.proxy.write_idle_timeout,
+            PortRole::Read => cfg.proxy.read_idle_timeout,
+        }
+    };
     let name = backend.name.clone();
     let still_allowed = async {
         loop {
@@ -402,12 +479,7 @@ async fn session(
             }
         }
     };
-    let cfg = ctx.cluster.config();
-    let idle_timeout = match port {
-        PortRole::Write => cfg.proxy.write_idle_timeout,
-        PortRole::Read => cfg.proxy.read_idle_timeout,
-    };
-    drop(cfg);
+
     let activity = Activity::new();
     // The idle timer lives on the heap, and only where a timeout is set: inline, its state would
     // cost every session ~150 bytes for a future that never runs on ports without one.
@@ -426,7 +498,7 @@ async fn session(
             return;
         }
         _ = still_allowed => {
-            let reason = if port == PortRole::Write && ctx.cluster.routing().primary.as_ref().map(|p| &p.name) != Some(&backend.name) {
+            let reason = if port == PortRole::Write && ctx.control.view().primary.as_deref() != Some(backend.name.as_str()) {
                 "writer_changed"
             } else {
                 "backend_cut"
@@ -461,11 +533,10 @@ async fn idle_timer(activity: &Activity, timeout: Duration) -> Duration {
 
 /// Sends a CancelRequest to every backend the port could have used: pglb does not track which
 /// backend a cancel key belongs to, and a key is meaningless (ignored) on any other server.
-async fn forward_cancel(cluster: &Cluster, pid: u32, key: u32, timeout: Duration) {
+async fn forward_cancel(view: &View, pid: u32, key: u32, timeout: Duration) {
     let packet = pg::cancel_request(pid, key);
-    let table = cluster.routing();
-    let sends = table.all.iter().map(|b| {
-        let address = b.config().address.clone();
+    let sends = view.all().map(|b| {
+        let address = b.address.clone();
         let name = b.name.clone();
         async move {
             match connect_tcp(&address, timeout).await {

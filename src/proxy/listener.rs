@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -14,7 +14,8 @@ use tracing::warn;
 
 use super::client::{handle, refuse_over_limit, SessionContext};
 use crate::backend::net::SocketTuning;
-use crate::backend::PortRole;
+use crate::proxy::PortRole;
+use crate::ratelimit::LogEvery;
 
 static CONN_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -27,9 +28,11 @@ impl Drop for OpenGuard {
     }
 }
 
-/// Binds a listening socket with SO_REUSEADDR, so a restarted pglb can bind at once.
+/// Binds the stats listener with SO_REUSEADDR (a restarted pglb binds at once) and
+/// SO_REUSEPORT, so that a new pglb started with the same lb.toml during a binary upgrade binds
+/// the stats port beside the old one (docs/operations.md), as it does the session ports.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::from_std(bind_socket(addr, false)?.into())
+    TcpListener::from_std(bind_socket(addr, true)?.into())
 }
 
 /// A bound, listening, non-blocking socket. With `reuseport`, other sockets of this process
@@ -53,29 +56,21 @@ pub fn bind_socket(addr: SocketAddr, reuseport: bool) -> std::io::Result<socket2
 /// count, checked against `maxconn`, how many over-limit clients are being answered, and when
 /// the port last warned about each kind of trouble (so a burst is logged once per port, not once
 /// per thread).
-#[derive(Default)]
 pub struct PortLoad {
     open: AtomicU64,
     refusing: AtomicU64,
-    accept_error_warned: Warned,
-    limit_warned: Warned,
+    accept_error_warned: LogEvery,
+    limit_warned: LogEvery,
 }
 
-/// At most one warning per `WARN_EVERY` across threads.
-#[derive(Default)]
-struct Warned(std::sync::Mutex<Option<Instant>>);
-
-const WARN_EVERY: Duration = Duration::from_secs(5);
-
-impl Warned {
-    /// True if the caller should log now (and the next `WARN_EVERY` stays quiet).
-    fn due(&self) -> bool {
-        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|t| t.elapsed() <= WARN_EVERY) {
-            return false;
+impl Default for PortLoad {
+    fn default() -> Self {
+        PortLoad {
+            open: AtomicU64::new(0),
+            refusing: AtomicU64::new(0),
+            accept_error_warned: LogEvery::new(Duration::from_secs(5)),
+            limit_warned: LogEvery::new(Duration::from_secs(5)),
         }
-        *last = Some(Instant::now());
-        true
     }
 }
 
@@ -99,7 +94,7 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let cfg = ctx.cluster.config();
+                let cfg = ctx.control.view().config().clone();
                 let want = SocketTuning::from(&cfg.proxy);
                 if tuned != Some(want) {
                     // First client, or the options changed in a reload: tune the listener, whose

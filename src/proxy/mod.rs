@@ -6,3 +6,22 @@ pub mod client;
 pub mod listener;
 pub mod splice;
 pub mod workers;
+
+use serde::{Deserialize, Serialize};
+
+/// Which listener a session came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortRole {
+    Write,
+    Read,
+}
+
+impl PortRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortRole::Write => "write",
+            PortRole::Read => "read",
+        }
+    }
+}

@@ -27,7 +27,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Deserialize;
+pub use pglb::view::{BackendView, View};
 use tempfile::TempDir;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
@@ -1231,9 +1231,7 @@ impl SpawnedPglb {
         if code != 200 {
             return None;
         }
-        let mut s: Stats = serde_json::from_str(&body).ok()?;
-        s.raw = body;
-        Some(s)
+        Stats::parse(body)
     }
 
     pub async fn wait_stats<F: FnMut(&Stats) -> bool>(
@@ -1268,41 +1266,38 @@ impl Drop for SpawnedPglb {
     }
 }
 
-/// `/stats.json`, typed for the fields the tests assert on.
-#[derive(Debug, Clone, Deserialize)]
+/// `/stats.json` read as pglb's own `View`, with the raw document kept for failure messages.
+#[derive(Debug, Clone)]
 pub struct Stats {
-    pub version: serde_json::Value,
-    pub generation: serde_json::Value,
-    pub primary: Option<String>,
-    pub backends: Vec<BackendStats>,
-    #[serde(skip)]
+    pub view: View,
     pub raw: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct BackendStats {
-    pub name: String,
-    pub address: String,
-    pub role: String,
-    pub state: String,
-    pub last_error: Option<String>,
-    pub lag_bytes: Option<i64>,
-    pub read_eligible: bool,
-    pub timeline: Option<i64>,
-    pub sessions_active: i64,
+pub type BackendStats = BackendView;
+
+impl std::ops::Deref for Stats {
+    type Target = View;
+    fn deref(&self) -> &View {
+        &self.view
+    }
 }
 
 impl Stats {
+    /// Parses a `/stats.json` body.
+    pub fn parse(body: String) -> Option<Stats> {
+        let view = serde_json::from_str(&body).ok()?;
+        Some(Stats { view, raw: body })
+    }
+
     /// The backend called `name`; panics (with the whole document) when it is missing.
     pub fn backend(&self, name: &str) -> &BackendStats {
-        self.backends
-            .iter()
-            .find(|b| b.name == name)
+        self.view
+            .backend(name)
             .unwrap_or_else(|| panic!("backend {name} not in stats.json: {}", self.raw))
     }
 
     pub fn try_backend(&self, name: &str) -> Option<&BackendStats> {
-        self.backends.iter().find(|b| b.name == name)
+        self.view.backend(name)
     }
 }
 
@@ -1424,19 +1419,8 @@ impl Pglb {
         if code != 200 {
             return Err(format!("/stats.json answered {code}: {body}"));
         }
-        let mut stats: Stats =
-            serde_json::from_str(&body).map_err(|e| format!("/stats.json: {e}: {body}"))?;
-        stats.raw = body;
-        Ok(stats)
-    }
-
-    /// `GET /stats.json` as untyped JSON, for fields [`Stats`] does not carry.
-    pub fn stats_json(&self) -> Result<serde_json::Value, String> {
-        let (code, body) = http_get(self.stats, "/stats.json")?;
-        if code != 200 {
-            return Err(format!("/stats.json answered {code}: {body}"));
-        }
-        serde_json::from_str(&body).map_err(|e| format!("/stats.json: {e}: {body}"))
+        let view = serde_json::from_str(&body).map_err(|e| format!("/stats.json: {e}: {body}"))?;
+        Ok(Stats { view, raw: body })
     }
 
     /// Polls `/stats.json` until `pred` holds; returns that document. Panics with the last

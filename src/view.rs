@@ -1,0 +1,518 @@
+//! `View`: the one shape of pglb's control-plane state. The control task (`control`) builds it
+//! from every backend's check results and publishes it as an `Arc<View>` on one `watch` channel;
+//! sessions route by it, the stats page, `/stats.json`, `/metrics` and `/health` render it, the
+//! promoter reads it back from `/stats.json`, and so do the integration tests.
+//!
+//! Its serde form *is* the documented `/stats.json` schema: field names are stable. The few
+//! runtime parts sessions need (backend handles with their live counters, the config the View was
+//! decided under) are skipped by serde and present only in a published View.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, Role};
+use crate::config::{Balance, Config};
+use crate::proxy::PortRole;
+
+/// Operator's say over a backend, set through the admin API; survives reloads that keep it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    #[default]
+    Enabled,
+    /// No new sessions; open ones stay.
+    Drain,
+    /// No new sessions; open ones are closed.
+    Disabled,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Enabled => "enabled",
+            AdminState::Drain => "drain",
+            AdminState::Disabled => "disabled",
+        }
+    }
+}
+
+/// Whether a backend takes new sessions at all, apart from its role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Up,
+    #[default]
+    Down,
+    /// Admin drain, or removed from the config with sessions still open.
+    Draining,
+    /// Admin disabled: its sessions are closed.
+    Disabled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Up => "up",
+            Status::Down => "down",
+            Status::Draining => "draining",
+            Status::Disabled => "disabled",
+        }
+    }
+}
+
+/// Why a backend does or does not take new sessions, apart from its role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Condition {
+    /// Checks pass.
+    Ok,
+    /// The kept check connection answers but new logins are refused with 53300: the server is
+    /// at `max_connections`. Still the primary or a replica; new sessions get the server's own
+    /// error.
+    Full,
+    /// The kept check connection answers but a fresh login is refused otherwise (password or
+    /// `pg_hba.conf` changed, ...).
+    LoginRefused,
+    /// Up, but its last check failed (not yet `fall` failures in a row).
+    Suspect,
+    /// Failed `fall` checks in a row (or never checked successfully): no new sessions. Open
+    /// sessions stay until the server ends them or routing has evidence it is not the primary.
+    #[default]
+    Down,
+}
+
+impl PartialEq<&str> for Status {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<&str> for Role {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// Result of the last config (re)load, shown on the page and in `/stats.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct ReloadStatus {
+    /// "applied", "rejected" or "unchanged"; "initial" before any reload.
+    pub result: String,
+    /// Unix time of the last reload attempt.
+    pub at_unix: Option<f64>,
+    /// Why the last reload was refused (file, line, key and reason); null when it was not.
+    pub error: Option<String>,
+    pub applied: u64,
+    pub rejected: u64,
+}
+
+/// Session counters of one backend on one port (live values, filled in by `View::live`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq)]
+pub struct PortView {
+    pub sessions_active: u64,
+    pub sessions_total: u64,
+    pub sessions_max: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// One backend as pglb sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct BackendView {
+    pub name: String,
+    pub address: String,
+    pub weight: u32,
+    /// Sessions this backend takes over both ports; 0 = no limit.
+    #[serde(default)]
+    pub maxconn: u64,
+    /// primary, replica, fenced or unknown.
+    pub role: Role,
+    /// up, down, draining (admin drain or removed from the config) or disabled.
+    pub state: Status,
+    /// ok, full, login_refused, suspect or down: the checks' view, apart from role and admin.
+    #[serde(default)]
+    pub condition: Condition,
+    /// Why the last fresh check login was refused while the kept connection answered.
+    #[serde(default)]
+    pub login_error: Option<String>,
+    pub admin_state: AdminState,
+    pub seconds_since_change: f64,
+    pub in_recovery: Option<bool>,
+    pub timeline: Option<u32>,
+    pub system_id: Option<String>,
+    /// Primary: current WAL position. Replica: replayed position.
+    pub lsn: Option<String>,
+    pub receive_lsn: Option<String>,
+    pub lag_bytes: Option<u64>,
+    pub lag_seconds: Option<f64>,
+    pub read_eligible: bool,
+    pub streaming: Option<bool>,
+    pub check_latency_ms: Option<f64>,
+    pub last_check_unix: Option<f64>,
+    pub last_error: Option<String>,
+    pub last_error_kind: Option<String>,
+    /// Sessions on this backend, over both ports.
+    pub sessions_active: u64,
+    pub write: PortView,
+    pub read: PortView,
+    /// When up/down or the role last changed (for `seconds_since_change`).
+    #[serde(skip)]
+    pub since: Option<Instant>,
+}
+
+impl BackendView {
+    pub fn port(&self, port: PortRole) -> &PortView {
+        match port {
+            PortRole::Write => &self.write,
+            PortRole::Read => &self.read,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct Listen {
+    pub write: String,
+    pub read: String,
+    pub stats: String,
+}
+
+/// What sessions need beyond the serialised state; present only in a published View.
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    /// The config this View was decided under.
+    pub config: Option<Arc<Config>>,
+    /// One handle per entry of `View::backends`, same order: live counters and session slots.
+    pub handles: Vec<Arc<Backend>>,
+    /// Indexes into `backends` of the replicas taking new read sessions, in config order.
+    pub readers: Vec<usize>,
+    /// Index of the primary taking writes (enabled, not fenced).
+    pub primary: Option<usize>,
+    pub balance: Balance,
+    pub close_on_writer_change: bool,
+    /// Backends whose open sessions must be closed now (disabled, or removed and past
+    /// `drain_timeout`).
+    pub cut: Vec<String>,
+    /// Backends whose open write-port sessions may go on: the primary, and a primary that stopped
+    /// answering checks while nothing says it stopped being the primary.
+    pub keep_writes: Vec<String>,
+    /// When the process started (for `uptime_seconds`).
+    pub started: Option<Instant>,
+}
+
+/// The control plane's state at one moment.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct View {
+    pub version: String,
+    pub uptime_seconds: f64,
+    pub config_file: String,
+    pub generation: u64,
+    pub reload: ReloadStatus,
+    /// Name of the backend that takes writes, or null.
+    pub primary: Option<String>,
+    /// Replicas taking new read sessions.
+    pub readers: Vec<String>,
+    /// Reads go to the primary when no replica qualifies.
+    pub fallback_to_primary: bool,
+    pub listen: Listen,
+    /// Configured backends in config order, then removed ones still draining.
+    pub backends: Vec<BackendView>,
+    #[serde(skip)]
+    pub routing: Routing,
+}
+
+/// A backend a new session may go to: its handle and what the View says of it.
+pub struct Target<'a> {
+    pub handle: &'a Arc<Backend>,
+    pub view: &'a BackendView,
+}
+
+impl View {
+    /// The config this View was decided under.
+    ///
+    /// # Panics
+    /// On a View that was not published by the control task (e.g. one read back from JSON).
+    pub fn config(&self) -> &Arc<Config> {
+        self.routing
+            .config
+            .as_ref()
+            .expect("a published View carries its config")
+    }
+
+    pub fn backend(&self, name: &str) -> Option<&BackendView> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+
+    /// Whether this View and `other` route sessions the same way: when they do, publishing
+    /// `other` wakes no session.
+    pub fn routes_like(&self, other: &View) -> bool {
+        self.primary == other.primary
+            && self.readers == other.readers
+            && self.fallback_to_primary == other.fallback_to_primary
+            && self.routing.balance == other.routing.balance
+            && self.routing.close_on_writer_change == other.routing.close_on_writer_change
+            && self.routing.cut == other.routing.cut
+            && self.routing.keep_writes == other.routing.keep_writes
+            && self.backends.len() == other.backends.len()
+            && self
+                .backends
+                .iter()
+                .zip(&other.backends)
+                .all(|(a, b)| a.name == b.name && a.address == b.address)
+    }
+
+    fn target(&self, i: usize) -> Option<Target<'_>> {
+        Some(Target {
+            handle: self.routing.handles.get(i)?,
+            view: self.backends.get(i)?,
+        })
+    }
+
+    /// Backends to try for a new session on `port`, best first.
+    pub fn candidates(&self, port: PortRole, rr: &AtomicUsize) -> Vec<Target<'_>> {
+        let primary = self.routing.primary.and_then(|i| self.target(i));
+        match port {
+            PortRole::Write => primary.into_iter().collect(),
+            PortRole::Read => {
+                let readers: Vec<_> = self
+                    .routing
+                    .readers
+                    .iter()
+                    .filter_map(|&i| self.target(i))
+                    .collect();
+                let mut out = order_readers(readers, self.routing.balance, rr);
+                if self.fallback_to_primary {
+                    out.extend(primary);
+                }
+                out
+            }
+        }
+    }
+
+    /// Whether an open session on `port` to `backend` may go on.
+    pub fn keeps(&self, port: PortRole, backend: &str) -> bool {
+        if self.routing.cut.iter().any(|n| n == backend) {
+            return false;
+        }
+        match port {
+            PortRole::Write if self.routing.close_on_writer_change => {
+                self.routing.keep_writes.iter().any(|n| n == backend)
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether a port has no backend for new sessions (no primary, or no reader and no
+    /// fallback): checks then run at `check.fast_interval`.
+    pub fn lacks_a_backend(&self) -> bool {
+        let primary = self.routing.primary.is_some();
+        !primary || (self.routing.readers.is_empty() && !self.fallback_to_primary)
+    }
+
+    /// Every backend a CancelRequest may need to reach (configured plus draining).
+    pub fn all(&self) -> impl Iterator<Item = &BackendView> {
+        self.backends.iter()
+    }
+
+    /// Sessions open over every backend, configured or draining.
+    pub fn active_sessions(&self) -> u64 {
+        self.routing
+            .handles
+            .iter()
+            .map(|h| h.active_sessions())
+            .sum()
+    }
+
+    /// A copy with the live values filled in: session and byte counters, ages, uptime.
+    pub fn live(&self) -> View {
+        let mut v = self.clone();
+        let now = Instant::now();
+        if let Some(started) = self.routing.started {
+            v.uptime_seconds = now.saturating_duration_since(started).as_secs_f64();
+        }
+        for (b, h) in v.backends.iter_mut().zip(&self.routing.handles) {
+            b.write = h.port_view(PortRole::Write);
+            b.read = h.port_view(PortRole::Read);
+            b.sessions_active = h.active_sessions();
+            if let Some(since) = b.since {
+                b.seconds_since_change = now.saturating_duration_since(since).as_secs_f64();
+            }
+        }
+        v
+    }
+}
+
+/// Orders readers by the balance algorithm, honouring weights. The first is the choice; the rest
+/// are the fallbacks if it refuses the connection.
+fn order_readers<'a>(
+    mut readers: Vec<Target<'a>>,
+    balance: Balance,
+    rr: &AtomicUsize,
+) -> Vec<Target<'a>> {
+    if readers.is_empty() {
+        return readers;
+    }
+    let tick = rr.fetch_add(1, Ordering::Relaxed);
+    let n = readers.len();
+    match balance {
+        Balance::Leastconn => {
+            // Rotate first so that ties (the common case with short sessions) spread evenly.
+            readers.rotate_left(tick % n);
+            // Read each backend's count once, so the sort sees one consistent set of numbers.
+            let mut keyed: Vec<_> = readers
+                .into_iter()
+                .map(|t| (t.handle.port_active(PortRole::Read), t))
+                .collect();
+            keyed.sort_by(|(ca, a), (cb, b)| {
+                let wa = a.view.weight.max(1) as u128;
+                let wb = b.view.weight.max(1) as u128;
+                // ca / wa  vs  cb / wb, without floats.
+                (*ca as u128 * wb).cmp(&(*cb as u128 * wa))
+            });
+            keyed.into_iter().map(|(_, t)| t).collect()
+        }
+        Balance::Roundrobin => {
+            let total: u64 = readers.iter().map(|t| t.view.weight.max(1) as u64).sum();
+            let mut slot = tick as u64 % total;
+            let mut first = 0;
+            for (i, t) in readers.iter().enumerate() {
+                let w = t.view.weight.max(1) as u64;
+                if slot < w {
+                    first = i;
+                    break;
+                }
+                slot -= w;
+            }
+            readers.rotate_left(first);
+            readers
+        }
+    }
+}
+
+/// Unix time in seconds, for the JSON.
+pub fn unix(t: SystemTime) -> Option<f64> {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(weights: &[u32]) -> View {
+        let mut v = View::default();
+        for (i, w) in weights.iter().enumerate() {
+            let name = format!("b{i}");
+            v.backends.push(BackendView {
+                name: name.clone(),
+                weight: *w,
+                ..Default::default()
+            });
+            v.routing.handles.push(Backend::new(&name));
+            v.routing.readers.push(i);
+        }
+        v
+    }
+
+    #[test]
+    fn roundrobin_honours_weights() {
+        let mut v = view(&[3, 1]);
+        v.routing.balance = Balance::Roundrobin;
+        let rr = AtomicUsize::new(0);
+        let mut counts = [0; 2];
+        for _ in 0..400 {
+            let first = &v.candidates(PortRole::Read, &rr)[0];
+            counts[if first.view.name == "b0" { 0 } else { 1 }] += 1;
+        }
+        assert_eq!(counts, [300, 100]);
+    }
+
+    #[test]
+    fn leastconn_prefers_fewer_sessions_per_weight() {
+        let v = view(&[3, 1]);
+        let rr = AtomicUsize::new(0);
+        // b0 (weight 3) has 2 sessions, b1 (weight 1) has 1: 2/3 < 1/1, b0 first.
+        v.routing.handles[0].set_port_active(PortRole::Read, 2);
+        v.routing.handles[1].set_port_active(PortRole::Read, 1);
+        for _ in 0..4 {
+            assert_eq!(v.candidates(PortRole::Read, &rr)[0].view.name, "b0");
+        }
+        v.routing.handles[0].set_port_active(PortRole::Read, 4);
+        assert_eq!(v.candidates(PortRole::Read, &rr)[0].view.name, "b1");
+    }
+
+    #[test]
+    fn leastconn_ties_alternate() {
+        let v = view(&[1, 1]);
+        let rr = AtomicUsize::new(0);
+        let a = v.candidates(PortRole::Read, &rr)[0].view.name.clone();
+        let b = v.candidates(PortRole::Read, &rr)[0].view.name.clone();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn fallback_puts_the_primary_last() {
+        let mut v = view(&[1, 1]);
+        v.routing.readers = vec![1];
+        v.routing.primary = Some(0);
+        v.primary = Some("b0".into());
+        v.fallback_to_primary = true;
+        let rr = AtomicUsize::new(0);
+        let names: Vec<_> = v
+            .candidates(PortRole::Read, &rr)
+            .iter()
+            .map(|t| t.view.name.clone())
+            .collect();
+        assert_eq!(names, ["b1", "b0"]);
+        let w: Vec<_> = v
+            .candidates(PortRole::Write, &rr)
+            .iter()
+            .map(|t| t.view.name.clone())
+            .collect();
+        assert_eq!(w, ["b0"]);
+    }
+
+    #[test]
+    fn write_sessions_are_kept_only_on_the_primary() {
+        let mut v = view(&[1, 1]);
+        v.primary = Some("b0".into());
+        v.routing.keep_writes = vec!["b0".into()];
+        v.routing.close_on_writer_change = true;
+        assert!(v.keeps(PortRole::Write, "b0"));
+        assert!(!v.keeps(PortRole::Write, "b1"));
+        assert!(v.keeps(PortRole::Read, "b1"));
+        v.routing.close_on_writer_change = false;
+        v.routing.cut = vec!["b1".into()];
+        assert!(v.keeps(PortRole::Write, "b0"));
+        assert!(!v.keeps(PortRole::Read, "b1"));
+    }
+
+    #[test]
+    fn the_json_round_trips_with_the_documented_names() {
+        let mut v = view(&[1]);
+        v.primary = Some("b0".into());
+        v.backends[0].role = Role::Primary;
+        v.backends[0].state = Status::Up;
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["primary"], "b0");
+        assert_eq!(json["backends"][0]["role"], "primary");
+        assert_eq!(json["backends"][0]["state"], "up");
+        assert_eq!(json["backends"][0]["admin_state"], "enabled");
+        let back: View = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            back.backends,
+            v.backends
+                .iter()
+                .cloned()
+                .map(|mut b| {
+                    b.since = None;
+                    b
+                })
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(back.primary, v.primary);
+    }
+}
