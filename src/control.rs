@@ -104,6 +104,7 @@ impl Control {
                 ..Default::default()
             },
             started: Instant::now(),
+            waiting: Arc::default(),
             publish,
             events: events.clone(),
             token: token.clone(),
@@ -182,6 +183,7 @@ struct Owner {
     generation: u64,
     reload: ReloadStatus,
     started: Instant,
+    waiting: Arc<std::sync::atomic::AtomicU64>,
     publish: watch::Sender<Arc<View>>,
     events: Events,
     token: CancellationToken,
@@ -385,6 +387,7 @@ impl Owner {
         view.routing.config = Some(self.config.clone());
         view.routing.handles = self.nodes.iter().map(|n| n.handle.clone()).collect();
         view.routing.started = Some(self.started);
+        view.routing.waiting = self.waiting.clone();
         self.publish.send_if_modified(|cur| {
             let wake = !cur.routes_like(&view);
             *cur = Arc::new(view);

@@ -442,6 +442,20 @@ pub fn route(
             s.since.max(decided.since),
         ));
     }
+    // A replica's upstream as the backend's name when it is one of ours (same address as
+    // configured), else the address its receiver reports.
+    let names: Vec<(String, String)> = view
+        .backends
+        .iter()
+        .map(|b| (b.address.clone(), b.name.clone()))
+        .collect();
+    for b in &mut view.backends {
+        if let Some(up) = &b.upstream {
+            if let Some((_, name)) = names.iter().find(|(addr, _)| addr == up) {
+                b.upstream = Some(name.clone());
+            }
+        }
+    }
     // Forget what was decided about backends that are gone for good.
     memory
         .decided
@@ -499,6 +513,7 @@ fn backend_view(
         lag_seconds,
         read_eligible: role == Role::Replica && read_eligible,
         streaming: r.and_then(|r| r.streaming),
+        upstream: r.and_then(|r| r.upstream.clone()),
         check_latency_ms: r.map(|r| r.latency.as_secs_f64() * 1000.0),
         last_check_unix: s.last_check.and_then(unix),
         last_error: s.last_error.as_ref().map(|e| e.to_string()),
@@ -654,6 +669,7 @@ mod tests {
             timeline: Some(tl),
             system_id: Some(7),
             streaming: Some(in_recovery),
+            upstream: None,
             latency: Duration::from_millis(1),
         }
     }

@@ -84,6 +84,18 @@ pub enum Condition {
     Down,
 }
 
+impl Condition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Condition::Ok => "ok",
+            Condition::Full => "full",
+            Condition::LoginRefused => "login_refused",
+            Condition::Suspect => "suspect",
+            Condition::Down => "down",
+        }
+    }
+}
+
 impl PartialEq<&str> for Status {
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other
@@ -150,6 +162,9 @@ pub struct BackendView {
     pub lag_seconds: Option<f64>,
     pub read_eligible: bool,
     pub streaming: Option<bool>,
+    /// Replica: the backend (by name, or `host:port` when it is none of ours) it streams from.
+    #[serde(default)]
+    pub upstream: Option<String>,
     pub check_latency_ms: Option<f64>,
     pub last_check_unix: Option<f64>,
     pub last_error: Option<String>,
@@ -200,6 +215,8 @@ pub struct Routing {
     pub keep_writes: Vec<String>,
     /// When the process started (for `uptime_seconds`).
     pub started: Option<Instant>,
+    /// New sessions waiting for a backend right now (live, for `sessions_waiting`).
+    pub waiting: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The control plane's state at one moment.
@@ -216,6 +233,9 @@ pub struct View {
     pub readers: Vec<String>,
     /// Reads go to the primary when no replica qualifies.
     pub fallback_to_primary: bool,
+    /// New sessions waiting for a backend on a port that has none (`wait_for_backend`).
+    #[serde(default)]
+    pub sessions_waiting: u64,
     pub listen: Listen,
     /// Configured backends in config order, then removed ones still draining.
     pub backends: Vec<BackendView>,
@@ -329,6 +349,7 @@ impl View {
     pub fn live(&self) -> View {
         let mut v = self.clone();
         let now = Instant::now();
+        v.sessions_waiting = self.routing.waiting.load(Ordering::Relaxed);
         if let Some(started) = self.routing.started {
             v.uptime_seconds = now.saturating_duration_since(started).as_secs_f64();
         }

@@ -64,7 +64,7 @@ async fn page_json_and_metrics_show_roles_errors_and_lag() {
 
     let (code, html) = http_request(lb.stats, "GET", "/", None);
     assert_eq!(code, 200);
-    assert_eq!(html.matches("<table>").count(), 2, "one table per port");
+    assert_eq!(html.matches("<table>").count(), 1, "one table, ports as columns");
     for needle in [
         "pg-0",
         "pg-1",
@@ -155,7 +155,7 @@ fn browser(args: &[&str], url: &str) -> std::process::Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn browser_renders_a_row_per_backend_in_each_port_table() {
+async fn browser_renders_one_row_per_backend_with_both_ports_as_columns() {
     let cluster = PgCluster::start(2);
     let lb = Pglb::start(&cluster).await;
     lb.wait_stats(Duration::from_secs(20), "all up", |s| {
@@ -170,17 +170,24 @@ async fn browser_renders_a_row_per_backend_in_each_port_table() {
         "chromium failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Two tables (write, read), each with a header and one row per backend, as the browser parsed them.
-    assert_eq!(dom.matches("<table>").count(), 2, "{dom}");
-    assert_eq!(dom.matches("<tr class=\"up\">").count(), 6, "{dom}");
+    // One table, one row per backend (ports as columns), as the browser parsed it.
+    assert_eq!(dom.matches("<table>").count(), 1, "{dom}");
+    assert_eq!(dom.matches("<tr class=\"up\">").count(), 3, "{dom}");
     assert!(dom.contains("role-primary"));
+    assert!(
+        dom.contains("write sessions") && dom.contains("read sessions"),
+        "{dom}"
+    );
+    assert!(dom.contains("as of "), "{dom}");
+    // Replicas show the backend they stream from.
+    assert_eq!(dom.matches("<td>pg-0</td>").count(), 2, "{dom}");
 
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("stats.png");
     let out = browser(
         &[
             &format!("--screenshot={}", png.display()),
-            "--window-size=1500,560",
+            "--window-size=1800,400",
             "--hide-scrollbars",
         ],
         &url,

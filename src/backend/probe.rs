@@ -32,6 +32,8 @@ pub struct ProbeReport {
     pub system_id: Option<u64>,
     /// Whether a replica's WAL receiver is streaming right now.
     pub streaming: Option<bool>,
+    /// Replica: the `host:port` its WAL receiver streams from (`pg_stat_wal_receiver`).
+    pub upstream: Option<String>,
     pub latency: Duration,
 }
 
@@ -177,7 +179,8 @@ const CHECK_QUERY: &str = "SELECT pg_is_in_recovery(), \
    THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver LIMIT 1), (pg_control_checkpoint()).timeline_id) \
    ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
  (pg_control_system()).system_identifier, \
- CASE WHEN pg_is_in_recovery() THEN coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver LIMIT 1), false) END";
+ CASE WHEN pg_is_in_recovery() THEN coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver LIMIT 1), false) END, \
+ (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver LIMIT 1)";
 
 /// One backend's check connection, kept logged in between checks: a check is one query on it,
 /// so checking needs no free connection slot on the server (a full server is still checked)
@@ -337,6 +340,7 @@ fn parse_report(rows: &[SimpleQueryMessage], latency: Duration) -> Result<ProbeR
         timeline: col(5).and_then(|s| s.parse().ok()),
         system_id: col(6).and_then(|s| s.parse().ok()),
         streaming: col(7).map(|s| s == "t"),
+        upstream: col(8),
         latency,
     })
 }

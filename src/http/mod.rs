@@ -195,11 +195,14 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
         ));
     }
     let resp = match path.as_str() {
-        "/" => text(
-            StatusCode::OK,
-            "text/html; charset=utf-8",
-            stats_page::render(&ctx.control.view().live()),
-        ),
+        "/" => {
+            let view = ctx.control.view().live();
+            text(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                stats_page::render(&view, view.sessions_waiting, None),
+            )
+        }
         "/stats.json" => {
             let body = serde_json::to_vec_pretty(&ctx.control.view().live()).unwrap_or_default();
             text(StatusCode::OK, "application/json", body)

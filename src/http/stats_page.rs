@@ -3,38 +3,48 @@
 
 use askama::Template;
 
-use crate::view::{BackendView, PortView, View};
+use crate::view::{BackendView, View};
 
 struct Row {
     name: String,
     address: String,
     role: &'static str,
     state: &'static str,
+    condition: &'static str,
+    admin: &'static str,
+    weight: u32,
     since: String,
-    lag_bytes: String,
-    lag_seconds: String,
     timeline: String,
-    now: u64,
-    total: u64,
-    max: u64,
-    bytes_in: String,
-    bytes_out: String,
+    lsn: String,
+    receive_lsn: String,
+    upstream: String,
+    lag: String,
+    write_now: u64,
+    write_total: u64,
+    write_max: u64,
+    read_now: u64,
+    read_total: u64,
+    read_max: u64,
+    bytes: String,
     check_ms: String,
     error: String,
-    /// Takes new sessions on this port.
-    target: bool,
+    takes_writes: bool,
+    takes_reads: bool,
 }
 
-struct PortTable {
-    title: &'static str,
-    listen: String,
-    rows: Vec<Row>,
+/// What the promoter says of itself (its `/status`), when pglb is told where it is.
+pub struct PromoterPanel {
+    /// Where it was read from, or why it could not be.
+    pub source: String,
+    pub summary: String,
+    pub last_failover: Option<String>,
 }
 
 #[derive(Template)]
 #[template(path = "stats.html")]
 struct Page {
     version: String,
+    as_of: String,
     uptime: String,
     config_file: String,
     generation: u64,
@@ -45,8 +55,12 @@ struct Page {
     primary: String,
     has_primary: bool,
     readers: String,
+    listen_write: String,
+    listen_read: String,
+    waiting: u64,
     refresh_seconds: u32,
-    tables: Vec<PortTable>,
+    promoter: Option<PromoterPanel>,
+    rows: Vec<Row>,
 }
 
 fn duration(secs: f64) -> String {
@@ -74,56 +88,67 @@ fn bytes(n: u64) -> String {
     }
 }
 
-fn row(b: &BackendView, p: &PortView, target: bool) -> Row {
+fn row(b: &BackendView, takes_writes: bool, takes_reads: bool) -> Row {
+    let lag = match (b.lag_bytes, b.lag_seconds) {
+        (Some(l), Some(s)) => format!("{} · {s:.1}s", bytes(l)),
+        (Some(l), None) => bytes(l),
+        _ => String::new(),
+    };
+    let opt = |v: &Option<String>| v.clone().unwrap_or_default();
     Row {
         name: b.name.clone(),
         address: b.address.clone(),
         role: b.role.as_str(),
         state: b.state.as_str(),
+        condition: b.condition.as_str(),
+        admin: b.admin_state.as_str(),
+        weight: b.weight,
         since: duration(b.seconds_since_change),
-        lag_bytes: b.lag_bytes.map(bytes).unwrap_or_default(),
-        lag_seconds: b.lag_seconds.map(|s| format!("{s:.1}")).unwrap_or_default(),
         timeline: b.timeline.map(|t| t.to_string()).unwrap_or_default(),
-        now: p.sessions_active,
-        total: p.sessions_total,
-        max: p.sessions_max,
-        bytes_in: bytes(p.bytes_in),
-        bytes_out: bytes(p.bytes_out),
+        lsn: opt(&b.lsn),
+        receive_lsn: opt(&b.receive_lsn),
+        upstream: opt(&b.upstream),
+        lag,
+        write_now: b.write.sessions_active,
+        write_total: b.write.sessions_total,
+        write_max: b.write.sessions_max,
+        read_now: b.read.sessions_active,
+        read_total: b.read.sessions_total,
+        read_max: b.read.sessions_max,
+        bytes: format!(
+            "{} / {}",
+            bytes(b.write.bytes_in + b.read.bytes_in),
+            bytes(b.write.bytes_out + b.read.bytes_out)
+        ),
         check_ms: b
             .check_latency_ms
             .map(|m| format!("{m:.1}"))
             .unwrap_or_default(),
-        error: b.last_error.clone().unwrap_or_default(),
-        target,
+        error: match (&b.last_error, &b.login_error) {
+            (Some(e), _) => e.clone(),
+            (None, Some(e)) => format!("new logins refused: {e}"),
+            (None, None) => String::new(),
+        },
+        takes_writes,
+        takes_reads,
     }
 }
 
-pub fn render(s: &View) -> String {
+/// The page: one row per backend, both ports as columns.
+pub fn render(s: &View, waiting: u64, promoter: Option<PromoterPanel>) -> String {
     let is_primary = |b: &BackendView| s.primary.as_deref() == Some(b.name.as_str());
-    let write = PortTable {
-        title: "write port",
-        listen: s.listen.write.clone(),
-        rows: s
-            .backends
-            .iter()
-            .map(|b| row(b, &b.write, is_primary(b)))
-            .collect(),
-    };
     let fallback = s.readers.is_empty() && s.fallback_to_primary;
-    let read = PortTable {
-        title: "read port",
-        listen: s.listen.read.clone(),
-        rows: s
-            .backends
-            .iter()
-            .map(|b| {
-                let target = s.readers.contains(&b.name) || (fallback && is_primary(b));
-                row(b, &b.read, target)
-            })
-            .collect(),
-    };
+    let rows = s
+        .backends
+        .iter()
+        .map(|b| {
+            let reads = s.readers.contains(&b.name) || (fallback && is_primary(b));
+            row(b, is_primary(b), reads)
+        })
+        .collect();
     let page = Page {
         version: s.version.clone(),
+        as_of: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         uptime: duration(s.uptime_seconds),
         config_file: s.config_file.clone(),
         generation: s.generation,
@@ -145,8 +170,12 @@ pub fn render(s: &View) -> String {
         } else {
             s.readers.join(", ")
         },
+        listen_write: s.listen.write.clone(),
+        listen_read: s.listen.read.clone(),
+        waiting,
         refresh_seconds: 2,
-        tables: vec![write, read],
+        promoter,
+        rows,
     };
     page.render()
         .unwrap_or_else(|e| format!("<pre>stats page failed to render: {e}</pre>"))
@@ -167,7 +196,7 @@ mod tests {
     }
 
     fn snapshot() -> View {
-        let port = PortView {
+        let port = crate::view::PortView {
             sessions_active: 3,
             sessions_total: 40,
             sessions_max: 7,
@@ -220,10 +249,11 @@ mod tests {
     }
 
     #[test]
-    fn renders_one_table_per_port_with_escaped_errors() {
-        let html = render(&snapshot());
-        assert_eq!(html.matches("<table>").count(), 2);
-        assert!(html.contains("write port") && html.contains("read port"));
+    fn renders_one_row_per_backend_with_escaped_errors() {
+        let html = render(&snapshot(), 0, None);
+        assert_eq!(html.matches("<table>").count(), 1);
+        assert_eq!(html.matches("<tr class=\"down\">").count(), 1);
+        assert!(html.contains("write sessions") && html.contains("read sessions"));
         assert!(html.contains("pg-1"));
         assert!(html.contains("1m05s"));
         assert!(html.contains("4.0 kB"));

@@ -316,12 +316,15 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]
                     let mut rx = ctx.control.subscribe();
                     rx.borrow_and_update();
                     m::sessions_waiting(port, 1.0);
+                    let count = ctx.control.view().routing.waiting.clone();
+                    count.fetch_add(1, Ordering::Relaxed);
                     debug!(wait = ?wait, "no backend for this port: waiting for one");
                     // Look once more now that changes are watched, so none is missed.
                     backend_wait = Some(BackendWait {
                         rx,
                         until: tokio::time::Instant::now() + wait,
                         port,
+                        count,
                     });
                     continue;
                 }
@@ -370,11 +373,13 @@ struct BackendWait {
     rx: tokio::sync::watch::Receiver<Arc<View>>,
     until: tokio::time::Instant,
     port: PortRole,
+    count: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for BackendWait {
     fn drop(&mut self) {
         m::sessions_waiting(self.port, -1.0);
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
