@@ -5,14 +5,20 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, Subcommand};
+use pglb::config::{Config, Secrets};
 use pglb::promoter::{self, promote::PgPromoter, settings::Settings};
+use pglb::telemetry::{init_logging, LogFormat};
 
-/// Failover sidecar for pglb: promotes the most advanced replica when the primary is really
-/// gone (its own checks for failover_after, the replicas and pglb agreeing), re-points the other
-/// replicas and fences an old primary that comes back.
+/// pglb-promoter: the failover sidecar of pglb.
+///
+/// Promotes the most advanced replica when the primary is really gone (its own checks for
+/// failover_after, the replicas and every reachable pglb agreeing), re-points the other
+/// replicas and fences an old primary that comes back. Reads the same lb.toml as pglb, with a
+/// [promoter] section (see docs/failover.md).
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(name = "pglb-promoter", version)]
 struct Args {
     /// Config file (TOML, the one pglb reads, with a [promoter] section); reloaded on change
     /// and on SIGHUP.
@@ -27,6 +33,9 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PGLB_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Same as `run --dry-run`: observe and decide, log what would be done, change nothing.
+    #[arg(long)]
+    dry_run: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -75,30 +84,26 @@ enum Command {
     },
 }
 
-#[derive(Copy, Clone, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 /// EX_USAGE: the config is wrong.
 const EXIT_CONFIG: u8 = 64;
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PGLB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().flatten_event(true).with_current_span(true).init(),
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match pglb::config::Config::load(&args.config) {
+    let command = match (args.command, args.dry_run) {
+        (None, dry_run) => Command::Run { dry_run },
+        (Some(Command::Run { dry_run }), top) => Command::Run {
+            dry_run: dry_run || top,
+        },
+        (Some(_), true) => Args::command()
+            .error(
+                ErrorKind::ArgumentConflict,
+                "--dry-run applies to the sidecar itself (`pglb-promoter --dry-run` or `run --dry-run`)",
+            )
+            .exit(),
+        (Some(c), false) => c,
+    };
+    // The promoter reads only its own secrets: pglb's check password is not needed here.
+    let config = match Config::load_with(&args.config, Secrets::Optional) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pglb-promoter: invalid config: {e}");
@@ -112,7 +117,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let command = args.command.unwrap_or(Command::Run { dry_run: false });
     if let Command::Check = command {
         eprintln!(
             "pglb-promoter: {} is valid: {} backends, failover_after {:?}, synchronous {}",

@@ -366,12 +366,29 @@ pub struct FilePromoter {
     /// How often the promoter checks the servers. Default 500 ms.
     #[serde(default = "default_promoter_interval", with = "humantime_serde")]
     pub interval: Duration,
-    /// pglb's stats endpoint (`http://host:8404`), a witness when reachable. Default: derived
-    /// from `listen.stats` on localhost.
-    pub pglb_url: Option<String>,
+    /// pglb's stats endpoint (`http://host:8404`), or a list of them: each reachable pglb is a
+    /// witness. Default: derived from `listen.stats` on localhost.
+    pub pglb_url: Option<OneOrMany>,
     /// Where the promoter serves its own state (`/status`, `/metrics`). Default "0.0.0.0:8405".
     #[serde(default = "default_promoter_listen")]
     pub listen: String,
+}
+
+/// A string or an array of strings (`pglb_url = "http://a:8404"` or `["http://a:8404", ...]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 fn default_promoter_user() -> String {

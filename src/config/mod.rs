@@ -180,7 +180,8 @@ pub struct PromoterConfig {
     /// Promoter check interval. Default 500 ms.
     #[serde(serialize_with = "human")]
     pub interval: Duration,
-    pub pglb_url: Option<String>,
+    /// pglb stats endpoints as written (`http://host:port`); empty: listen.stats on localhost.
+    pub pglb_url: Vec<String>,
     pub listen: String,
 }
 
@@ -472,7 +473,7 @@ impl Validator<'_> {
                     failover_after: p.failover_after,
                     synchronous: p.synchronous,
                     interval: p.interval,
-                    pglb_url: p.pglb_url.clone(),
+                    pglb_url: p.pglb_url.clone().map(|u| u.into_vec()).unwrap_or_default(),
                     listen: p.listen.clone(),
                 })
             }

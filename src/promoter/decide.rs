@@ -1,5 +1,12 @@
 //! Decide: pure functions from what was observed (and a little memory) to what to do. No I/O,
-//! no clock reads: time comes in with the `Observation`. Every branch has a unit test below.
+//! no clock reads: time comes in with the `Observation` and as `now`. Every branch has a unit
+//! test below.
+//!
+//! Two layers. `assess` judges one look: `Steady`, `Reconcile`, `Failover` or `Wait { reason }`.
+//! `decide` wraps it with the loop's own policy and returns `Command`s: fences for stale
+//! primaries (once until they report back), the pause after a failover that promoted nobody,
+//! and the verification of re-pointed replicas. The loop executes the commands and hands what
+//! came of them back through `State::record`, so that policy is tested on paused time too.
 //!
 //! The primary is derived from the servers, never from a local file: a writable server on the
 //! newest timeline known for its cluster (newest seen by this process, or found on any server,
@@ -9,18 +16,36 @@
 //! failure; anything short of that is a `Wait` with its reason. So a promoter restarted after a
 //! promotion finds the promoted server as the primary and promotes nobody else.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::observe::{NodeObservation, NodeStatus, Observation};
 use super::settings::Member;
 
-/// The settings `decide` depends on.
+/// The settings `decide` depends on, and the loop's own timings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub failover_after: Duration,
     pub synchronous: bool,
+    /// After a failover that promoted nobody, no new attempt for this long (= `failover_after`).
+    pub retry_after: Duration,
+    /// A re-pointed replica not seen streaming from its primary after this long is reported
+    /// (once) and no longer watched. 30 s.
+    pub verify_within: Duration,
+}
+
+impl Policy {
+    pub fn new(failover_after: Duration, synchronous: bool) -> Policy {
+        Policy {
+            failover_after,
+            synchronous,
+            retry_after: failover_after,
+            verify_within: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A primary that answered.
@@ -31,7 +56,16 @@ pub struct Seen {
     pub timeline: u32,
 }
 
-/// The promoter's memory between two looks. Rebuilt from the servers after a restart.
+/// A re-pointed replica not yet seen streaming from its primary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Awaiting {
+    pub primary: String,
+    pub since: Instant,
+}
+
+/// The promoter's memory between two looks. What the servers say is rebuilt from them after a
+/// restart; the loop's own memory (fences in flight, retry pause, re-points to verify) is not
+/// needed for safety and starts empty.
 #[derive(Debug, Clone)]
 pub struct State {
     pub policy: Policy,
@@ -40,6 +74,14 @@ pub struct State {
     pub primary_seen: Option<Seen>,
     /// Newest timeline seen per system identifier.
     pub timelines: BTreeMap<u64, u32>,
+    /// Stale primaries a `Fence` was issued for that has not reported back: not issued again.
+    pub fencing: BTreeSet<String>,
+    /// The last failover promoted nobody: no new attempt before this.
+    pub retry_at: Option<Instant>,
+    /// Re-pointed replicas to verify, by name.
+    pub awaiting: BTreeMap<String, Awaiting>,
+    /// The assessment behind the last commands (for `/status`, logs and metrics).
+    pub decision: Option<Decision>,
 }
 
 impl State {
@@ -49,6 +91,10 @@ impl State {
             started,
             primary_seen: None,
             timelines: BTreeMap::new(),
+            fencing: BTreeSet::new(),
+            retry_at: None,
+            awaiting: BTreeMap::new(),
+            decision: None,
         }
     }
 
@@ -389,6 +435,11 @@ pub fn conninfo_target(conninfo: &str) -> Option<(String, u16)> {
 }
 
 /// Splits libpq keyword/value pairs, honouring single quotes and backslash escapes.
+///
+/// Not `tokio_postgres::Config`: it refuses every keyword it does not implement, and real
+/// `primary_conninfo` values are full of libpq-only ones (`pg_basebackup -R` writes `passfile`,
+/// `sslcompression`, `gssencmode`, ...; the promoter itself writes `keepalives_count`), so
+/// the target of every real conninfo would be unknown (see the `conninfo_parsing` test).
 pub fn parse_conninfo(s: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut chars = s.chars().peekable();
@@ -479,8 +530,8 @@ pub fn follows(r: &NodeStatus, replica: &Member, primary: &Member) -> bool {
         && r.primary_slot_name == replica.slot_name()
 }
 
-/// The whole decision for one look.
-pub fn decide(obs: &Observation, state: &State) -> Decision {
+/// The assessment of one look: what the servers and witnesses say should happen.
+pub fn assess(obs: &Observation, state: &State) -> Decision {
     let topo = topology(obs, state);
     match topo.primary {
         Primary::Many(ps) => Decision::Wait {
@@ -666,12 +717,188 @@ fn failure(obs: &Observation, state: &State, replicas: &[&NodeObservation]) -> D
     })
 }
 
+/// One thing for the loop to do. The loop executes commands in order (fences are spawned and
+/// run beside the rest), and reports what came of the server-changing ones as [`Event`]s.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Make a stale primary read-only and end its client sessions.
+    Fence {
+        node: Member,
+        /// The current primary, for the log.
+        primary: Option<String>,
+        newest_timeline: u32,
+    },
+    /// Bring a replica or the primary's settings in line.
+    Act(Action),
+    /// Stop receivers, compare, promote, re-point.
+    Failover(FailoverPlan),
+    /// A failover is due, but the last attempt promoted nobody: wait until `at`.
+    RetryLater { at: Instant, left: Duration },
+    /// A re-pointed replica now streams from its primary.
+    Verified {
+        node: String,
+        primary: String,
+        after: Duration,
+    },
+    /// A re-pointed replica still does not stream after `verify_within`: say so, stop watching.
+    NotVerified {
+        node: String,
+        primary: String,
+        after: Duration,
+    },
+}
+
+impl Command {
+    /// Whether executing it changes a server. These are the steps a leader lease would gate,
+    /// and that would be recorded before they are taken.
+    pub fn changes_server(&self) -> bool {
+        matches!(
+            self,
+            Command::Fence { .. } | Command::Act(_) | Command::Failover(_)
+        )
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Fence { .. } => "fence",
+            Command::Act(a) => a.kind(),
+            Command::Failover(_) => "failover",
+            Command::RetryLater { .. } => "retry_later",
+            Command::Verified { .. } => "verified",
+            Command::NotVerified { .. } => "not_verified",
+        }
+    }
+}
+
+/// What came of a server-changing command, fed back into [`State::record`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A fence finished (either way: a failed one is issued again at the next look).
+    FenceDone {
+        node: String,
+    },
+    ActionDone {
+        action: Action,
+        ok: bool,
+    },
+    /// A failover ended: `to` is the promoted server, `None` when nobody was.
+    FailoverDone {
+        to: Option<String>,
+        repointed: Vec<String>,
+    },
+}
+
+impl State {
+    /// Folds the outcome of a command in, at `now`.
+    pub fn record(&mut self, event: Event, now: Instant) {
+        match event {
+            Event::FenceDone { node } => {
+                self.fencing.remove(&node);
+            }
+            Event::ActionDone {
+                action: Action::Repoint { replica, primary },
+                ok: true,
+            } => {
+                self.awaiting.insert(
+                    replica.name,
+                    Awaiting {
+                        primary: primary.name,
+                        since: now,
+                    },
+                );
+            }
+            Event::ActionDone { .. } => {}
+            Event::FailoverDone {
+                to: Some(to),
+                repointed,
+            } => {
+                self.retry_at = None;
+                for r in repointed {
+                    self.awaiting.insert(
+                        r,
+                        Awaiting {
+                            primary: to.clone(),
+                            since: now,
+                        },
+                    );
+                }
+            }
+            Event::FailoverDone { to: None, .. } => {
+                self.retry_at = Some(now + self.policy.retry_after);
+            }
+        }
+    }
+}
+
+/// One look, decided: folds the observation into `state`, assesses it, and returns what to do
+/// at `now`: fences for stale primaries not already being fenced (beside the decision, never
+/// before it), verdicts on re-pointed replicas, then the assessment's own steps, a failover
+/// held back while the pause after a failed attempt lasts. Pure: no I/O, no clock.
+pub fn decide(obs: &Observation, state: &mut State, now: Instant) -> Vec<Command> {
+    state.note(obs);
+    let mut commands = Vec::new();
+    let primary = match topology(obs, state).primary {
+        Primary::One(p) => Some(p),
+        _ => None,
+    };
+    let newest_timeline = state.timelines.values().max().copied().unwrap_or(0);
+    for node in to_fence(obs, state) {
+        if state.fencing.insert(node.name.clone()) {
+            commands.push(Command::Fence {
+                node,
+                primary: primary.map(|p| p.name().to_string()),
+                newest_timeline,
+            });
+        }
+    }
+    // Re-pointed replicas are verified once the primary lists them as streaming.
+    if let Some(p) = primary {
+        let within = state.policy.verify_within;
+        state.awaiting.retain(|r, a| {
+            if a.primary != p.name() {
+                return false;
+            }
+            let after = now.saturating_duration_since(a.since);
+            if obs.node(r).is_some_and(|rn| streams_from(rn, p)) {
+                commands.push(Command::Verified {
+                    node: r.clone(),
+                    primary: a.primary.clone(),
+                    after,
+                });
+                return false;
+            }
+            if after > within {
+                commands.push(Command::NotVerified {
+                    node: r.clone(),
+                    primary: a.primary.clone(),
+                    after,
+                });
+                return false;
+            }
+            true
+        });
+    }
+    let decision = assess(obs, state);
+    match &decision {
+        Decision::Steady { .. } | Decision::Wait { .. } => {}
+        Decision::Reconcile { actions, .. } => {
+            commands.extend(actions.iter().cloned().map(Command::Act));
+        }
+        Decision::Failover(plan) => match state.retry_at {
+            Some(at) if now < at => commands.push(Command::RetryLater { at, left: at - now }),
+            _ => commands.push(Command::Failover(plan.clone())),
+        },
+    }
+    state.decision = Some(decision);
+    commands
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::backend::probe::ProbeError;
     use crate::pg::Lsn;
-    use crate::promoter::observe::{PglbView, Receiver};
+    use crate::promoter::observe::{PglbView, Receiver, Witnesses};
 
     pub fn member(name: &str, port: u16) -> Member {
         Member {
@@ -728,14 +955,14 @@ pub(crate) mod tests {
         }
     }
 
-    fn node(m: Member, st: NodeStatus) -> NodeObservation {
+    pub fn node(m: Member, st: NodeStatus) -> NodeObservation {
         NodeObservation {
             member: m,
             status: Ok(st),
         }
     }
 
-    fn down(m: Member) -> NodeObservation {
+    pub fn down(m: Member) -> NodeObservation {
         NodeObservation {
             member: m,
             status: Err(ProbeError::Refused),
@@ -743,10 +970,7 @@ pub(crate) mod tests {
     }
 
     fn policy() -> Policy {
-        Policy {
-            failover_after: Duration::from_secs(3),
-            synchronous: false,
-        }
+        Policy::new(Duration::from_secs(3), false)
     }
 
     struct World {
@@ -766,10 +990,10 @@ pub(crate) mod tests {
             let obs = Observation {
                 at: self.t0 + Duration::from_secs_f64(secs),
                 nodes,
-                pglb,
+                pglb: Witnesses::one(pglb),
             };
             self.state.note(&obs);
-            decide(&obs, &self.state)
+            assess(&obs, &self.state)
         }
     }
 
@@ -784,7 +1008,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn healthy() -> Vec<NodeObservation> {
+    pub fn healthy() -> Vec<NodeObservation> {
         vec![
             node(
                 member("pg-0", 5000),
@@ -796,7 +1020,7 @@ pub(crate) mod tests {
     }
 
     /// pg-0 gone; the replicas' receivers lost it.
-    fn primary_dead() -> Vec<NodeObservation> {
+    pub fn primary_dead() -> Vec<NodeObservation> {
         vec![
             down(member("pg-0", 5000)),
             node(member("pg-1", 5001), replica_status(1, 100, 5000, false)),
@@ -1078,11 +1302,11 @@ pub(crate) mod tests {
         let obs = Observation {
             at: w.t0,
             nodes,
-            pglb: no_pglb(),
+            pglb: Witnesses::one(no_pglb()),
         };
         w.state.note(&obs);
         assert_eq!(
-            decide(&obs, &w.state),
+            assess(&obs, &w.state),
             Decision::Steady {
                 primary: "pg-1".into(),
                 not_streaming: vec![]
@@ -1126,7 +1350,7 @@ pub(crate) mod tests {
         let obs = Observation {
             at: w.t0,
             nodes,
-            pglb: no_pglb(),
+            pglb: Witnesses::one(no_pglb()),
         };
         assert_eq!(to_fence(&obs, &fresh), vec![member("pg-0", 5000)]);
     }
@@ -1270,6 +1494,14 @@ pub(crate) mod tests {
             Some(("db'1".into(), 5432))
         );
         assert_eq!(conninfo_target(""), None);
+        // What pg_basebackup -R writes: libpq keywords tokio-postgres does not take.
+        let basebackup = "user=replicator passfile='/var/lib/postgresql/.pgpass' \
+            channel_binding=prefer host=pg-0 port=5432 sslmode=prefer sslcompression=0 \
+            sslcertmode=allow sslsni=1 ssl_min_protocol_version=TLSv1.2 gssencmode=prefer \
+            krbsrvname=postgres gssdelegation=0 target_session_attrs=any \
+            load_balance_hosts=disable";
+        assert_eq!(conninfo_target(basebackup), Some(("pg-0".into(), 5432)));
+        assert!(basebackup.parse::<tokio_postgres::Config>().is_err());
         assert_eq!(split_address("[::1]:5432"), Some(("::1".into(), 5432)));
     }
 
@@ -1282,5 +1514,175 @@ pub(crate) mod tests {
         assert!(!streams_from(&elsewhere, &p));
         let p_lists = node(member("pg-0", 5000), primary_status(1, 1, &["pg-1"]));
         assert!(streams_from(&elsewhere, &p_lists));
+    }
+
+    // ---- the loop's policy: commands over (paused) time ----
+
+    fn obs_at(nodes: Vec<NodeObservation>) -> Observation {
+        Observation {
+            at: Instant::now(),
+            nodes,
+            pglb: Witnesses::default(),
+        }
+    }
+
+    fn kinds(cs: &[Command]) -> Vec<&'static str> {
+        cs.iter().map(Command::kind).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_failover_is_retried_only_after_retry_after() {
+        let mut state = State::new(policy(), Instant::now());
+        assert!(decide(&obs_at(healthy()), &mut state, Instant::now()).is_empty());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let cs = decide(&obs_at(primary_dead()), &mut state, Instant::now());
+        assert_eq!(kinds(&cs), ["failover"]);
+        // The attempt took 1 s and promoted nobody.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let failed_at = Instant::now();
+        state.record(
+            Event::FailoverDone {
+                to: None,
+                repointed: vec![],
+            },
+            failed_at,
+        );
+        assert_eq!(state.retry_at, Some(failed_at + Duration::from_secs(3)));
+        tokio::time::advance(Duration::from_millis(2900)).await;
+        let cs = decide(&obs_at(primary_dead()), &mut state, Instant::now());
+        assert_eq!(
+            cs,
+            [Command::RetryLater {
+                at: failed_at + Duration::from_secs(3),
+                left: Duration::from_millis(100)
+            }]
+        );
+        assert!(!cs[0].changes_server());
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let cs = decide(&obs_at(primary_dead()), &mut state, Instant::now());
+        assert_eq!(kinds(&cs), ["failover"]);
+        assert!(cs[0].changes_server());
+        // A success clears the pause and watches the re-pointed replicas.
+        state.record(
+            Event::FailoverDone {
+                to: Some("pg-1".into()),
+                repointed: vec!["pg-2".into()],
+            },
+            Instant::now(),
+        );
+        assert_eq!(state.retry_at, None);
+        assert_eq!(state.awaiting["pg-2"].primary, "pg-1");
+    }
+
+    /// pg-1 promoted (timeline 2), pg-0 back writable on timeline 1, pg-2 on timeline 2.
+    fn stale_pg0() -> Vec<NodeObservation> {
+        vec![
+            node(member("pg-0", 5000), primary_status(1, 300, &[])),
+            node(member("pg-1", 5001), primary_status(2, 200, &["pg-2"])),
+            node(member("pg-2", 5002), replica_status(2, 200, 5001, true)),
+        ]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fence_is_issued_once_until_it_reports_back() {
+        let mut state = State::new(policy(), Instant::now());
+        let cs = decide(&obs_at(stale_pg0()), &mut state, Instant::now());
+        assert_eq!(
+            cs,
+            [Command::Fence {
+                node: member("pg-0", 5000),
+                primary: Some("pg-1".into()),
+                newest_timeline: 2
+            }]
+        );
+        assert!(cs[0].changes_server());
+        // Still writable while the fence runs: not issued again.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(decide(&obs_at(stale_pg0()), &mut state, Instant::now()).is_empty());
+        assert_eq!(state.decision.as_ref().map(Decision::kind), Some("steady"));
+        // It failed and reported back: issued again at the next look.
+        state.record(
+            Event::FenceDone {
+                node: "pg-0".into(),
+            },
+            Instant::now(),
+        );
+        let cs = decide(&obs_at(stale_pg0()), &mut state, Instant::now());
+        assert_eq!(kinds(&cs), ["fence"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repointed_replica_is_verified_or_reported_after_verify_within() {
+        // pg-2 left on timeline 1 after pg-1's promotion: re-pointed.
+        let lagging = |streaming: bool| {
+            let mut pg2 = replica_status(1, 100, 5000, false);
+            if streaming {
+                pg2 = replica_status(2, 200, 5001, true);
+            } else {
+                pg2.primary_conninfo = "host=127.0.0.1 port=5001".into();
+                pg2.primary_slot_name = "pg_2".into();
+            }
+            vec![
+                down(member("pg-0", 5000)),
+                node(member("pg-1", 5001), primary_status(2, 200, &[])),
+                node(member("pg-2", 5002), pg2),
+            ]
+        };
+        let mut state = State::new(policy(), Instant::now());
+        let mut first = lagging(false);
+        if let Ok(s) = &mut first[2].status {
+            s.primary_conninfo = "host=127.0.0.1 port=5000".into();
+        }
+        let cs = decide(&obs_at(first), &mut state, Instant::now());
+        let [Command::Act(action)] = &cs[..] else {
+            panic!("{cs:?}")
+        };
+        assert_eq!(action.kind(), "repoint");
+        state.record(
+            Event::ActionDone {
+                action: action.clone(),
+                ok: true,
+            },
+            Instant::now(),
+        );
+        // Not streaming yet: watched quietly.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(decide(&obs_at(lagging(false)), &mut state, Instant::now()).is_empty());
+        // Streaming: verified with the time it took.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let cs = decide(&obs_at(lagging(true)), &mut state, Instant::now());
+        assert_eq!(
+            cs,
+            [Command::Verified {
+                node: "pg-2".into(),
+                primary: "pg-1".into(),
+                after: Duration::from_secs(12)
+            }]
+        );
+        assert!(state.awaiting.is_empty());
+
+        // Never streaming: reported once after 30 s, then no longer watched.
+        state.record(
+            Event::ActionDone {
+                action: action.clone(),
+                ok: true,
+            },
+            Instant::now(),
+        );
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(decide(&obs_at(lagging(false)), &mut state, Instant::now()).is_empty());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let cs = decide(&obs_at(lagging(false)), &mut state, Instant::now());
+        assert_eq!(kinds(&cs), ["not_verified"]);
+        assert!(decide(&obs_at(lagging(false)), &mut state, Instant::now()).is_empty());
+        // A failed re-point is not watched.
+        state.record(
+            Event::ActionDone {
+                action: action.clone(),
+                ok: false,
+            },
+            Instant::now(),
+        );
+        assert!(state.awaiting.is_empty());
     }
 }

@@ -9,9 +9,10 @@
 //! Also `promote_and_follow`, shared with the planned switchover.
 
 use std::cmp::Reverse;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::join_all;
+use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::decide::{sync_names, FailoverPlan};

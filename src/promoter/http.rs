@@ -1,5 +1,6 @@
 //! The promoter's own small HTTP endpoint: `GET /status` (and `/`) as JSON, `/metrics`
-//! (Prometheus) and `/health`. Handlers copy the `Status` out of its lock before rendering.
+//! (Prometheus) and `/health`, on the serve loop both binaries share (`crate::http::server`).
+//! Handlers copy the `Status` out of its lock before rendering.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -8,17 +9,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use super::observe::PglbView;
+use super::observe::{PglbView, Witnesses};
 
 /// The last failover this process ran (or tried).
 #[derive(Debug, Clone, Serialize)]
@@ -84,7 +82,10 @@ pub struct Status {
     pub fenced: Vec<String>,
     /// Replicas not streaming from the primary.
     pub not_streaming: Vec<String>,
+    /// The first configured pglb as a witness (`state`: not_configured, unreachable, reachable).
     pub pglb: PglbView,
+    /// Every configured pglb (`at`: its stats address) and what it said at the last look.
+    pub witnesses: Witnesses,
     pub nodes: Vec<NodeSummary>,
     /// Last config reload: applied, rejected or unchanged, with the error when rejected.
     pub reload: Option<String>,
@@ -118,6 +119,7 @@ impl Status {
             fenced: vec![],
             not_streaming: vec![],
             pglb: PglbView::NotConfigured,
+            witnesses: Witnesses::default(),
             nodes: vec![],
             reload: None,
         }
@@ -215,35 +217,9 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Infa
     Ok(resp)
 }
 
-/// Serves HTTP on `listener` until `stop` is cancelled.
+/// Serves `/status`, `/metrics` and `/health` on `listener` until `stop` is cancelled (the
+/// serve loop pglb's stats listener uses).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     info!(addr = ?listener.local_addr().ok(), "promoter status listening");
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    debug!(error = %e, "status accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let shared = shared.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let io = TokioIo::new(stream);
-            let svc = service_fn(move |req| route(req, shared.clone()));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => { if let Err(e) = r { debug!(error = %e, "status connection error"); } }
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
+    crate::http::server::serve(listener, stop, move |req| route(req, shared.clone())).await
 }

@@ -1,17 +1,19 @@
 //! pglb-promoter: watches the primary and, when it is really gone, promotes the most advanced
-//! replica, re-points the others and keeps the old primary fenced. Observe → decide → act.
+//! replica, re-points the others and keeps the old primary fenced. Observe → decide → execute.
 //!
 //! Module map:
 //! - `settings`: the `[promoter]` section and backends, secrets resolved (`Settings`, `Member`).
-//! - `observe`: one look at every backend (fresh login, role, WAL, receiver) and at pglb.
-//! - `decide`: pure: primary from timelines, failure detection with witnesses, `Decision`.
+//! - `observe`: one look at every backend (fresh login, role, WAL, receiver) and at every pglb.
+//! - `decide`: pure: primary from timelines, failure detection with witnesses (`assess` →
+//!   `Decision`), and the loop's policy (`decide` → `Command`s; outcomes come back as `Event`s).
 //! - `promote`: side effects behind the `Promoter` trait (`PgPromoter` over SQL, `DryRun`).
 //! - `failover`: the failover driver (stop receivers, choose, replay, promote, re-point).
 //! - `switchover`: the planned `switchover --to NAME`.
 //! - `rejoin`: `rejoin`: pg_rewind an old primary and restart it as a standby (local data dir).
 //! - `http`: `/status`, `/metrics`, `/health`; `metrics`: metric names.
 //!
-//! This file wires the daemon: config reload, signals, the status server and the loop.
+//! This file wires the daemon: config reload, signals, the status server and the loop, which
+//! only looks, executes commands and feeds back their outcomes.
 
 pub mod decide;
 pub mod failover;
@@ -23,21 +25,22 @@ pub mod rejoin;
 pub mod settings;
 pub mod switchover;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
-use crate::reload::{self, Outcome};
-use decide::{Action, Decision, Policy, State};
+use crate::config::{Config, Secrets};
+use crate::reload;
+use decide::{Action, Command, Decision, Event, Policy, State};
 use http::{FailoverRecord, NodeSummary, Shared, Status};
 use observe::Observation;
 use promote::{DryRun, PgPromoter, Promoter};
@@ -51,10 +54,7 @@ pub struct RunOptions {
 }
 
 fn policy(s: &Settings) -> Policy {
-    Policy {
-        failover_after: s.failover_after,
-        synchronous: s.synchronous,
-    }
+    Policy::new(s.failover_after, s.synchronous)
 }
 
 /// Runs the promoter until SIGTERM/SIGINT.
@@ -108,21 +108,30 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         failover_after = ?settings.failover_after,
         interval = ?settings.interval,
         synchronous = settings.synchronous,
-        pglb = settings.pglb_stats.as_deref().unwrap_or("none"),
+        pglb = %settings.pglb_stats.join(","),
         listen = %settings.listen,
         dry_run = opts.dry_run,
         "pglb-promoter started"
     );
+    let observe = |s: Arc<Settings>| async move { observe::observe(&s).await };
     if opts.dry_run {
         run_loop(
             |s| DryRun(PgPromoter::new(s)),
+            observe,
             settings_rx,
             shared,
             shutdown.clone(),
         )
         .await;
     } else {
-        run_loop(PgPromoter::new, settings_rx, shared, shutdown.clone()).await;
+        run_loop(
+            PgPromoter::new,
+            observe,
+            settings_rx,
+            shared,
+            shutdown.clone(),
+        )
+        .await;
     }
     background.close();
     shutdown.cancel();
@@ -148,23 +157,24 @@ async fn reload_loop(
         if !more {
             return;
         }
-        let result = match reload::attempt(&path, &current) {
-            Outcome::Unchanged => {
+        // The promoter's own reading of the file: pglb's check password is not its business.
+        let result = match Config::load_with(&path, Secrets::Optional) {
+            Ok(c) if c == current => {
                 info!(path = %path.display(), "config unchanged");
                 "unchanged".to_string()
             }
-            Outcome::Rejected(e) => {
+            Err(e) => {
                 warn!(error = %e, "config reload refused; keeping the running config");
                 format!("rejected: {e}")
             }
-            Outcome::Changed(c) => match Settings::from_config(&c) {
+            Ok(c) => match Settings::from_config(&c) {
                 Ok(s) => {
                     if s.listen != tx.borrow().listen {
                         warn!("promoter.listen changes need a restart; keeping the old address");
                     }
                     info!(backends = s.members.len(), failover_after = ?s.failover_after, synchronous = s.synchronous, "config reloaded");
                     let _ = tx.send(Arc::new(s));
-                    current = *c;
+                    current = c;
                     "applied".to_string()
                 }
                 Err(e) => {
@@ -276,15 +286,204 @@ async fn apply<P: Promoter>(actor: &P, action: &Action) -> bool {
     r.is_ok()
 }
 
-/// The observe → decide → act loop.
-async fn run_loop<P, F>(
+/// Fences a stale primary beside the loop; reports back on `done`.
+fn spawn_fence<P: Promoter + Clone + 'static>(
+    fences: &TaskTracker,
+    actor: &P,
+    node: settings::Member,
+    primary: Option<String>,
+    newest_timeline: u32,
+    done: mpsc::UnboundedSender<Event>,
+) {
+    let actor = actor.clone();
+    fences.spawn(async move {
+        let r = actor.fence(&node).await;
+        metrics::action("fence", r.is_ok());
+        match r {
+            Ok(n) => {
+                warn!(step = "fence", node = %node.name, terminated_sessions = n, primary = %primary.unwrap_or_default(), newest_timeline, "stale primary fenced: read-only, client sessions ended")
+            }
+            Err(e) => {
+                error!(step = "fence", node = %node.name, error = %e, "cannot fence a stale primary; retried on the next look")
+            }
+        }
+        let _ = done.send(Event::FenceDone { node: node.name });
+    });
+}
+
+/// Publishes one look on `/status` and in the gauges.
+fn publish(shared: &Shared, obs: &Observation, state: &State, settings: &Settings) {
+    let topo = decide::topology(obs, state);
+    let primary_name = match topo.primary {
+        decide::Primary::One(p) => Some(p.name().to_string()),
+        _ => None,
+    };
+    let down = primary_name
+        .is_none()
+        .then(|| obs.at.saturating_duration_since(state.primary_last_seen()));
+    metrics::primary(
+        primary_name.is_some(),
+        down.map(|d| d.as_secs_f64()).unwrap_or(0.0),
+    );
+    let fenced = decide::fenced(obs, state);
+    let nodes = summaries(obs, state);
+    let decision = state.decision.as_ref();
+    shared.update(|st| {
+        st.looks += 1;
+        st.last_look_unix = Some(http::unix_now());
+        st.primary = primary_name;
+        st.decision = decision.map(Decision::kind).unwrap_or("starting");
+        st.primary_down_seconds = down.map(|d| d.as_secs_f64());
+        st.failover_after_seconds = settings.failover_after.as_secs_f64();
+        st.synchronous = settings.synchronous;
+        st.fenced = fenced;
+        st.pglb = obs.pglb.first();
+        st.witnesses = obs.pglb.clone();
+        st.nodes = nodes;
+        st.not_streaming = match decision {
+            Some(Decision::Steady { not_streaming, .. }) => not_streaming.clone(),
+            _ => vec![],
+        };
+        (st.reason_kind, st.reason) = match decision {
+            Some(Decision::Wait { reason }) => (Some(reason.kind()), Some(reason.to_string())),
+            _ => (None, None),
+        };
+    });
+}
+
+/// Logs and counts the assessment of one look.
+fn say_decision(decision: &Decision, said: &mut Said, now: Instant) {
+    match decision {
+        Decision::Steady {
+            primary,
+            not_streaming,
+        } => {
+            let key = format!("steady {primary} {not_streaming:?}");
+            if said.should(&key, now, Duration::from_secs(300)) {
+                info!(decision = "steady", primary = %primary, not_streaming = ?not_streaming, "primary answers; replicas checked");
+            }
+            metrics::decision("steady", "none");
+        }
+        Decision::Reconcile { .. } => {
+            metrics::decision("reconcile", "none");
+            said.key.clear();
+        }
+        Decision::Wait { reason } => {
+            metrics::decision("wait", reason.kind());
+            if said.should(reason.kind(), now, Duration::from_secs(5)) {
+                if reason.blocks_failover() {
+                    warn!(decision = "wait", reason = reason.kind(), evidence = %reason, "failover on hold");
+                } else {
+                    warn!(decision = "wait", reason = reason.kind(), evidence = %reason, "primary not answering");
+                }
+            } else {
+                debug!(decision = "wait", reason = reason.kind(), evidence = %reason, "waiting");
+            }
+        }
+        Decision::Failover(_) => metrics::decision("failover", "none"),
+    }
+}
+
+/// Runs a failover plan; logs, counts and records it. Returns the event for `State::record`.
+async fn execute_failover<P: Promoter>(
+    actor: &P,
+    plan: &decide::FailoverPlan,
+    limits: &failover::Limits,
+    shared: &Shared,
+) -> Event {
+    let result = failover::run(actor, plan, limits).await;
+    let reason = format!(
+        "no primary for {:.1}s; replicas lost it: {}; pglb: {}",
+        plan.down_for.as_secs_f64(),
+        plan.lost.join(", "),
+        plan.pglb
+    );
+    let (record, event) = match &result {
+        Ok(p) => {
+            metrics::failover("promoted");
+            let total = plan.down_for + p.promoted_after;
+            metrics::last_failover(total.as_secs_f64());
+            info!(
+                decision = "failover",
+                from = plan.from.as_deref().unwrap_or("unknown"),
+                to = %p.to,
+                lsn = %p.lsn,
+                timeline = p.timeline,
+                detected_after_s = plan.down_for.as_secs_f64(),
+                total_s = total.as_secs_f64(),
+                repointed = ?p.repointed,
+                "failover done"
+            );
+            (
+                FailoverRecord {
+                    at_unix: http::unix_now(),
+                    outcome: "promoted",
+                    reason,
+                    from: plan.from.clone(),
+                    to: Some(p.to.clone()),
+                    lsn: Some(p.lsn.to_string()),
+                    timeline: Some(p.timeline),
+                    detected_after_seconds: plan.down_for.as_secs_f64(),
+                    promote_seconds: Some(p.promoted_after.as_secs_f64()),
+                    total_seconds: Some(total.as_secs_f64()),
+                    repointed: p.repointed.clone(),
+                    error: None,
+                },
+                Event::FailoverDone {
+                    to: Some(p.to.clone()),
+                    repointed: p.repointed.clone(),
+                },
+            )
+        }
+        Err(e) => {
+            metrics::failover(e.kind());
+            error!(decision = "failover", outcome = e.kind(), error = %e, "failover did not promote anybody");
+            (
+                FailoverRecord {
+                    at_unix: http::unix_now(),
+                    outcome: e.kind(),
+                    reason,
+                    from: plan.from.clone(),
+                    to: None,
+                    lsn: None,
+                    timeline: None,
+                    detected_after_seconds: plan.down_for.as_secs_f64(),
+                    promote_seconds: None,
+                    total_seconds: None,
+                    repointed: vec![],
+                    error: Some(e.to_string()),
+                },
+                Event::FailoverDone {
+                    to: None,
+                    repointed: vec![],
+                },
+            )
+        }
+    };
+    let promoted = result.is_ok();
+    shared.update(|st| {
+        if promoted {
+            st.failovers += 1;
+        }
+        st.last_failover = Some(record);
+    });
+    event
+}
+
+/// The observe → decide → execute loop. `decide` holds the policy; this only looks, runs the
+/// commands through the `Promoter` and feeds their outcomes back into the `State`. Fences run
+/// beside the loop and are awaited before it returns.
+async fn run_loop<P, F, O, Fut>(
     make: F,
+    observe: O,
     mut settings_rx: watch::Receiver<Arc<Settings>>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) where
     P: Promoter + Clone + 'static,
     F: Fn(Arc<Settings>) -> P,
+    O: Fn(Arc<Settings>) -> Fut,
+    Fut: Future<Output = Observation>,
 {
     let mut settings = settings_rx.borrow_and_update().clone();
     let mut state = State::new(policy(&settings), Instant::now());
@@ -296,15 +495,12 @@ async fn run_loop<P, F>(
         at: None,
     };
     let mut warned = HashMap::new();
-    let fencing: Arc<Mutex<HashSet<String>>> = Arc::default();
-    // Replicas re-pointed and not yet seen streaming from that primary.
-    let mut awaiting: HashMap<String, (String, Instant)> = HashMap::new();
-    let mut retry_after: Option<Instant> = None;
-    let mut failovers = 0u64;
+    let fences = TaskTracker::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
 
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
         if settings_rx.has_changed().unwrap_or(false) {
@@ -316,222 +512,272 @@ async fn run_loop<P, F>(
             settings = new;
             state.policy = policy(&settings);
         }
+        while let Ok(event) = done_rx.try_recv() {
+            state.record(event, Instant::now());
+        }
         let actor = make(settings.clone());
-        let obs = observe::observe(&settings).await;
-        let now = obs.at;
-        state.note(&obs);
+        let obs = observe(settings.clone()).await;
         metrics::look();
         for n in &obs.nodes {
             metrics::reachable(n.name(), n.reachable().is_some());
         }
         warn_slow_timeouts(&obs, &settings, &mut warned);
 
-        // Fencing runs beside the decision, never before it.
-        let primary_name = match decide::topology(&obs, &state).primary {
-            decide::Primary::One(p) => Some(p.name().to_string()),
-            _ => None,
-        };
-        for m in decide::to_fence(&obs, &state) {
-            let in_flight = fencing.clone();
-            if !in_flight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(m.name.clone())
-            {
-                continue;
-            }
-            let actor = actor.clone();
-            let primary = primary_name.clone().unwrap_or_default();
-            let timeline = state.timelines.values().max().copied().unwrap_or(0);
-            tokio::spawn(async move {
-                let r = actor.fence(&m).await;
-                metrics::action("fence", r.is_ok());
-                match r {
-                    Ok(n) => {
-                        warn!(step = "fence", node = %m.name, terminated_sessions = n, primary = %primary, newest_timeline = timeline, "stale primary fenced: read-only, client sessions ended")
-                    }
-                    Err(e) => {
-                        error!(step = "fence", node = %m.name, error = %e, "cannot fence a stale primary; retried on the next look")
-                    }
-                }
-                in_flight
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&m.name);
-            });
+        let now = Instant::now();
+        let commands = decide::decide(&obs, &mut state, now);
+        publish(&shared, &obs, &state, &settings);
+        if let Some(d) = &state.decision {
+            say_decision(d, &mut said, now);
         }
-
-        let decision = decide::decide(&obs, &state);
-        let down = primary_name
-            .is_none()
-            .then(|| now.saturating_duration_since(state.primary_last_seen()));
-        metrics::primary(
-            primary_name.is_some(),
-            down.map(|d| d.as_secs_f64()).unwrap_or(0.0),
-        );
-        let fenced = decide::fenced(&obs, &state);
-        let nodes = summaries(&obs, &state);
-        shared.update(|st| {
-            st.looks += 1;
-            st.last_look_unix = Some(http::unix_now());
-            st.primary = primary_name.clone();
-            st.decision = decision.kind();
-            st.primary_down_seconds = down.map(|d| d.as_secs_f64());
-            st.failover_after_seconds = settings.failover_after.as_secs_f64();
-            st.synchronous = settings.synchronous;
-            st.fenced = fenced;
-            st.pglb = obs.pglb.clone();
-            st.nodes = nodes;
-            st.not_streaming = match &decision {
-                Decision::Steady { not_streaming, .. } => not_streaming.clone(),
-                _ => vec![],
-            };
-            (st.reason_kind, st.reason) = match &decision {
-                Decision::Wait { reason } => (Some(reason.kind()), Some(reason.to_string())),
-                _ => (None, None),
-            };
-        });
-
-        // Re-pointed replicas: verified once the primary lists them as streaming.
-        if let Some(p) = primary_name.as_deref().and_then(|p| obs.node(p)) {
-            awaiting.retain(|r, (primary, since)| {
-                if primary != p.name() {
-                    return false;
+        for command in commands {
+            match command {
+                Command::Fence {
+                    node,
+                    primary,
+                    newest_timeline,
+                } => spawn_fence(
+                    &fences,
+                    &actor,
+                    node,
+                    primary,
+                    newest_timeline,
+                    done_tx.clone(),
+                ),
+                Command::Act(action) => {
+                    let ok = apply(&actor, &action).await;
+                    state.record(Event::ActionDone { action, ok }, Instant::now());
                 }
-                if let Some(rn) = obs.node(r) {
-                    if decide::streams_from(rn, p) {
-                        info!(step = "verify", node = %r, primary = %primary, after_s = since.elapsed().as_secs_f64(), "replica streams from the new primary");
-                        return false;
-                    }
+                Command::Verified {
+                    node,
+                    primary,
+                    after,
+                } => {
+                    info!(step = "verify", node = %node, primary = %primary, after_s = after.as_secs_f64(), "replica streams from the new primary");
                 }
-                if since.elapsed() > Duration::from_secs(30) {
-                    warn!(step = "verify", node = %r, primary = %primary, "replica still not streaming from the new primary after 30s: check its log; it may need `pglb-promoter rejoin`");
-                    return false;
+                Command::NotVerified {
+                    node,
+                    primary,
+                    after,
+                } => {
+                    warn!(step = "verify", node = %node, primary = %primary, after_s = after.as_secs_f64(), "replica still not streaming from the new primary after 30s: check its log; it may need `pglb-promoter rejoin`");
                 }
-                true
-            });
-        }
-
-        match decision {
-            Decision::Steady {
-                primary,
-                not_streaming,
-            } => {
-                let key = format!("steady {primary} {not_streaming:?}");
-                if said.should(&key, now, Duration::from_secs(300)) {
-                    info!(decision = "steady", primary = %primary, not_streaming = ?not_streaming, "primary answers; replicas checked");
-                }
-                metrics::decision("steady", "none");
-            }
-            Decision::Reconcile { primary, actions } => {
-                metrics::decision("reconcile", "none");
-                said.key.clear();
-                for a in &actions {
-                    if apply(&actor, a).await {
-                        if let Action::Repoint { replica, .. } = a {
-                            awaiting
-                                .insert(replica.name.clone(), (primary.clone(), Instant::now()));
-                        }
-                    }
-                }
-            }
-            Decision::Wait { reason } => {
-                metrics::decision("wait", reason.kind());
-                if said.should(reason.kind(), now, Duration::from_secs(5)) {
-                    if reason.blocks_failover() {
-                        warn!(decision = "wait", reason = reason.kind(), evidence = %reason, "failover on hold");
-                    } else {
-                        warn!(decision = "wait", reason = reason.kind(), evidence = %reason, "primary not answering");
-                    }
-                } else {
-                    debug!(decision = "wait", reason = reason.kind(), evidence = %reason, "waiting");
-                }
-            }
-            Decision::Failover(plan) => {
-                metrics::decision("failover", "none");
-                if let Some(t) = retry_after {
-                    if now < t {
-                        if said.should("failover retry", now, Duration::from_secs(5)) {
-                            warn!(
-                                decision = "failover",
-                                retry_in_s = (t - now).as_secs_f64(),
-                                "last failover attempt failed; waiting before the next"
-                            );
-                        }
-                        continue;
-                    }
-                }
-                said.key.clear();
-                let result = failover::run(&actor, &plan, &limits).await;
-                let reason = format!(
-                    "no primary for {:.1}s; replicas lost it: {}; pglb: {}",
-                    plan.down_for.as_secs_f64(),
-                    plan.lost.join(", "),
-                    plan.pglb
-                );
-                let record = match &result {
-                    Ok(p) => {
-                        failovers += 1;
-                        retry_after = None;
-                        metrics::failover("promoted");
-                        let total = plan.down_for + p.promoted_after;
-                        metrics::last_failover(total.as_secs_f64());
-                        for r in &p.repointed {
-                            awaiting.insert(r.clone(), (p.to.clone(), Instant::now()));
-                        }
-                        info!(
+                Command::RetryLater { left, .. } => {
+                    if said.should("failover retry", now, Duration::from_secs(5)) {
+                        warn!(
                             decision = "failover",
-                            from = plan.from.as_deref().unwrap_or("unknown"),
-                            to = %p.to,
-                            lsn = %p.lsn,
-                            timeline = p.timeline,
-                            detected_after_s = plan.down_for.as_secs_f64(),
-                            total_s = total.as_secs_f64(),
-                            repointed = ?p.repointed,
-                            "failover done"
+                            retry_in_s = left.as_secs_f64(),
+                            "last failover attempt failed; waiting before the next"
                         );
-                        FailoverRecord {
-                            at_unix: http::unix_now(),
-                            outcome: "promoted",
-                            reason,
-                            from: plan.from.clone(),
-                            to: Some(p.to.clone()),
-                            lsn: Some(p.lsn.to_string()),
-                            timeline: Some(p.timeline),
-                            detected_after_seconds: plan.down_for.as_secs_f64(),
-                            promote_seconds: Some(p.promoted_after.as_secs_f64()),
-                            total_seconds: Some(total.as_secs_f64()),
-                            repointed: p.repointed.clone(),
-                            error: None,
-                        }
                     }
-                    Err(e) => {
-                        metrics::failover(e.kind());
-                        retry_after = Some(Instant::now() + settings.failover_after);
-                        error!(decision = "failover", outcome = e.kind(), error = %e, "failover did not promote anybody");
-                        FailoverRecord {
-                            at_unix: http::unix_now(),
-                            outcome: e.kind(),
-                            reason,
-                            from: plan.from.clone(),
-                            to: None,
-                            lsn: None,
-                            timeline: None,
-                            detected_after_seconds: plan.down_for.as_secs_f64(),
-                            promote_seconds: None,
-                            total_seconds: None,
-                            repointed: vec![],
-                            error: Some(e.to_string()),
-                        }
-                    }
-                };
-                shared.update(|st| {
-                    st.failovers = failovers;
-                    st.last_failover = Some(record);
-                });
-                // Look again at once: the new primary, the re-pointed replicas.
-                ticker.reset_immediately();
+                }
+                Command::Failover(plan) => {
+                    said.key.clear();
+                    let event = execute_failover(&actor, &plan, &limits, &shared).await;
+                    state.record(event, Instant::now());
+                    // Look again at once: the new primary, the re-pointed replicas.
+                    ticker.reset_immediately();
+                }
             }
         }
+    }
+    // A fence in flight finishes (its sessions are ended, or it fails) before the process
+    // exits, so a stale primary is never left half-fenced by a shutdown.
+    fences.close();
+    fences.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop itself on paused time, with a fake `Promoter` and scripted observations: it
+    //! executes what `decide` says, feeds the outcomes back, and awaits fences on shutdown.
+
+    use super::*;
+    use crate::promoter::decide::tests::{
+        member, node, primary_dead, primary_status, replica_status,
+    };
+    use crate::promoter::observe::{NodeObservation, Witnesses};
+    use crate::promoter::promote::{ActError, Position};
+    use settings::Member;
+    use std::path::Path;
+
+    /// Records every call with its (virtual) time; positions never answer, so a failover
+    /// finds no candidate after 100 ms (stopping receivers); a fence takes `fence_takes`.
+    #[derive(Clone)]
+    struct Fake {
+        t0: Instant,
+        calls: Arc<Mutex<Vec<(String, Duration)>>>,
+        fence_takes: Duration,
+    }
+
+    impl Fake {
+        fn new(fence_takes: Duration) -> Fake {
+            Fake {
+                t0: Instant::now(),
+                calls: Arc::default(),
+                fence_takes,
+            }
+        }
+        fn note(&self, call: &str, node: &Member) {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((format!("{call} {}", node.name), self.t0.elapsed()));
+        }
+        fn times(&self, call: &str) -> Vec<Duration> {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(c, _)| c == call)
+                .map(|(_, t)| *t)
+                .collect()
+        }
+    }
+
+    impl Promoter for Fake {
+        async fn position(&self, node: &Member) -> Result<Position, ActError> {
+            self.note("position", node);
+            Err(ActError::Timeout {
+                node: node.name.clone(),
+                what: "position",
+                after: Duration::from_secs(1),
+            })
+        }
+        async fn stop_receiver(&self, node: &Member) -> Result<String, ActError> {
+            self.note("stop_receiver", node);
+            // A failover takes time; without it a loop that retried at once would spin at
+            // one instant of paused time instead of failing the test.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(String::new())
+        }
+        async fn restore_receiver(&self, node: &Member, _c: &str) -> Result<(), ActError> {
+            self.note("restore_receiver", node);
+            Ok(())
+        }
+        async fn prepare(&self, node: &Member, _s: Option<&str>) -> Result<(), ActError> {
+            self.note("prepare", node);
+            Ok(())
+        }
+        async fn promote(&self, node: &Member, _wait: Duration) -> Result<bool, ActError> {
+            self.note("promote", node);
+            Ok(false)
+        }
+        async fn checkpoint(&self, node: &Member) -> Result<(), ActError> {
+            self.note("checkpoint", node);
+            Ok(())
+        }
+        async fn ensure_slot(&self, primary: &Member, _slot: &str) -> Result<(), ActError> {
+            self.note("ensure_slot", primary);
+            Ok(())
+        }
+        async fn repoint(&self, replica: &Member, _primary: &Member) -> Result<(), ActError> {
+            self.note("repoint", replica);
+            Ok(())
+        }
+        async fn fence(&self, node: &Member) -> Result<u64, ActError> {
+            self.note("fence start", node);
+            tokio::time::sleep(self.fence_takes).await;
+            self.note("fence done", node);
+            Ok(0)
+        }
+        async fn unfence(&self, node: &Member) -> Result<(), ActError> {
+            self.note("unfence", node);
+            Ok(())
+        }
+        async fn set_sync_names(&self, primary: &Member, _v: &str) -> Result<(), ActError> {
+            self.note("set_sync_names", primary);
+            Ok(())
+        }
+    }
+
+    fn settings() -> Arc<Settings> {
+        let text = r#"
+[check]
+user = "pglb_check"
+[promoter]
+failover_after = "2s"
+interval = "200ms"
+[[backend]]
+name = "pg-0"
+address = "127.0.0.1:5000"
+[[backend]]
+name = "pg-1"
+address = "127.0.0.1:5001"
+[[backend]]
+name = "pg-2"
+address = "127.0.0.1:5002"
+"#;
+        let c = Config::parse(Path::new("lb.toml"), text).expect("test config");
+        Arc::new(Settings::from_config(&c).expect("test settings"))
+    }
+
+    /// Runs the loop against `fake`, every look seeing `nodes()`, for `run_for` (virtual), then
+    /// shuts it down; returns how long the shutdown took.
+    async fn run_for(
+        fake: &Fake,
+        nodes: fn() -> Vec<NodeObservation>,
+        run_for: Duration,
+    ) -> Duration {
+        let (_tx, rx) = watch::channel(settings());
+        let shared = Arc::new(Shared {
+            status: Mutex::new(Status::new("lb.toml".into(), false)),
+            prometheus: None,
+        });
+        let shutdown = CancellationToken::new();
+        let observe = move |_s: Arc<Settings>| async move {
+            Observation {
+                at: Instant::now(),
+                nodes: nodes(),
+                pglb: Witnesses::default(),
+            }
+        };
+        let fake2 = fake.clone();
+        let task = tokio::spawn(run_loop(
+            move |_s| fake2.clone(),
+            observe,
+            rx,
+            shared,
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(run_for).await;
+        let cancelled = Instant::now();
+        shutdown.cancel();
+        task.await.expect("loop task");
+        cancelled.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_failovers_are_paced_by_failover_after() {
+        let fake = Fake::new(Duration::ZERO);
+        run_for(&fake, primary_dead, Duration::from_millis(9900)).await;
+        let attempts = fake.times("stop_receiver pg-1");
+        // Due at 2 s (failover_after from the start); each attempt fails 100 ms later and the
+        // next one waits failover_after from then. Looks every 200 ms: without the pause it
+        // would try ~40 times.
+        assert_eq!(
+            attempts,
+            [2000, 4100, 6200, 8300].map(Duration::from_millis),
+            "{:?}",
+            fake.calls.lock().unwrap()
+        );
+        assert!(fake.times("promote pg-1").is_empty());
+    }
+
+    fn stale_pg0() -> Vec<NodeObservation> {
+        vec![
+            node(member("pg-0", 5000), primary_status(1, 300, &[])),
+            node(member("pg-1", 5001), primary_status(2, 200, &["pg-2"])),
+            node(member("pg-2", 5002), replica_status(2, 200, 5001, true)),
+        ]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fence_in_flight_is_issued_once_and_awaited_on_shutdown() {
+        let fake = Fake::new(Duration::from_secs(5));
+        let shutdown_took = run_for(&fake, stale_pg0, Duration::from_secs(1)).await;
+        // Five looks saw pg-0 writable while its fence ran: one fence.
+        assert_eq!(fake.times("fence start pg-0"), [Duration::ZERO]);
+        assert_eq!(fake.times("fence done pg-0"), [Duration::from_secs(5)]);
+        assert_eq!(shutdown_took, Duration::from_secs(4));
     }
 }

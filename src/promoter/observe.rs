@@ -4,18 +4,22 @@
 //! WAL receiver, the replication settings, the newest timeline history file, the streaming
 //! standbys and slots. pglb is read from its `/stats.json`. Plain data out; no decisions here.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::future::join_all;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_postgres::SimpleQueryMessage;
 
-use super::settings::{Member, Settings};
+use super::settings::{Login, Member, Settings};
 use crate::backend::net::connect_tcp;
 use crate::backend::probe::{self, ProbeError, ProbeReport};
-use crate::config::{CheckConfig, Secret};
+use crate::config::Secret;
 use crate::pg::Lsn;
+use crate::view::{Status, View};
 
 /// Everything seen in one look.
 #[derive(Debug, Clone)]
@@ -24,7 +28,7 @@ pub struct Observation {
     pub at: Instant,
     /// One entry per configured backend, in config order.
     pub nodes: Vec<NodeObservation>,
-    pub pglb: PglbView,
+    pub pglb: Witnesses,
 }
 
 impl Observation {
@@ -106,13 +110,13 @@ impl NodeStatus {
     }
 }
 
-/// pglb as a witness.
+/// One pglb as a witness.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum PglbView {
     /// No pglb to ask.
     NotConfigured,
-    /// Its stats endpoint did not answer: it abstains.
+    /// Its stats endpoint did not answer: it cannot confirm anything, so it abstains.
     Unreachable { error: String },
     Reachable {
         /// Backend pglb sends writes to.
@@ -150,6 +154,67 @@ impl PglbView {
     }
 }
 
+/// One configured pglb and what it said.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Witness {
+    /// `host:port` of its stats endpoint.
+    pub at: String,
+    #[serde(flatten)]
+    pub view: PglbView,
+}
+
+/// Every configured pglb, in config order. A reachable one that still sees the primary (or has
+/// the last primary up) holds a failover back; an unreachable one abstains. So a second pglb can
+/// only add a reason to wait, never remove one.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[serde(transparent)]
+pub struct Witnesses(pub Vec<Witness>);
+
+impl Witnesses {
+    /// One pglb (the tests' and the single-pglb case).
+    pub fn one(view: PglbView) -> Witnesses {
+        match view {
+            PglbView::NotConfigured => Witnesses::default(),
+            view => Witnesses(vec![Witness {
+                at: String::new(),
+                view,
+            }]),
+        }
+    }
+
+    /// The primary some reachable pglb sends writes to (the first in config order).
+    pub fn sees_primary(&self) -> Option<String> {
+        self.0.iter().find_map(|w| w.view.sees_primary())
+    }
+
+    /// Whether some reachable pglb has backend `name` up.
+    pub fn sees_up(&self, name: &str) -> bool {
+        self.0.iter().any(|w| w.view.sees_up(name))
+    }
+
+    /// The first configured pglb's view (`/status`'s `pglb`).
+    pub fn first(&self) -> PglbView {
+        self.0
+            .first()
+            .map(|w| w.view.clone())
+            .unwrap_or(PglbView::NotConfigured)
+    }
+
+    /// For logs and the failover record: one pglb as before (`no primary`), several each
+    /// with their address.
+    pub fn summary(&self) -> String {
+        match &self.0[..] {
+            [] => PglbView::NotConfigured.summary(),
+            [one] => one.view.summary(),
+            many => many
+                .iter()
+                .map(|w| format!("{}: {}", w.at, w.view.summary()))
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    }
+}
+
 /// Application name of every session the promoter opens.
 pub const APPLICATION_NAME: &str = "pglb-promoter";
 
@@ -171,9 +236,9 @@ const NODE_QUERY: &str = "SELECT current_setting('primary_conninfo'), \
  FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver r ON true";
 
 /// Logs in to one server and reads its status.
-pub async fn node_status(address: &str, login: &CheckConfig) -> Result<NodeStatus, ProbeError> {
-    let started = Instant::now();
-    let client = probe::login(address, login, APPLICATION_NAME).await?;
+pub async fn node_status(address: &str, login: &Login) -> Result<NodeStatus, ProbeError> {
+    let started = std::time::Instant::now();
+    let client = login.connect(address, APPLICATION_NAME).await?;
     let report = probe::report(&client, started).await?;
     let rows = client
         .simple_query(NODE_QUERY)
@@ -252,7 +317,7 @@ fn from_parts(report: &ProbeReport, receiver: Option<Receiver>, x: Extras) -> No
 }
 
 /// One server, bounded by the probe timeout.
-pub async fn observe_member(member: &Member, login: &CheckConfig) -> NodeObservation {
+pub async fn observe_member(member: &Member, login: &Login) -> NodeObservation {
     let status =
         match tokio::time::timeout(login.timeout, node_status(&member.address, login)).await {
             Ok(r) => r,
@@ -264,7 +329,7 @@ pub async fn observe_member(member: &Member, login: &CheckConfig) -> NodeObserva
     }
 }
 
-/// Looks at every member and at pglb, all at once.
+/// Looks at every member and at every pglb, all at once.
 pub async fn observe(settings: &Settings) -> Observation {
     let at = Instant::now();
     let nodes = join_all(
@@ -273,128 +338,165 @@ pub async fn observe(settings: &Settings) -> Observation {
             .iter()
             .map(|m| observe_member(m, &settings.login)),
     );
-    let pglb = async {
-        match &settings.pglb_stats {
-            None => PglbView::NotConfigured,
-            Some(addr) => {
-                pglb_view(
-                    addr,
-                    settings.pglb_authorization.as_ref(),
-                    settings.probe_timeout(),
-                )
-                .await
-            }
+    let pglb = join_all(settings.pglb_stats.iter().map(|addr| async move {
+        Witness {
+            at: addr.clone(),
+            view: pglb_view(
+                addr,
+                settings.pglb_authorization.as_ref(),
+                settings.probe_timeout(),
+            )
+            .await,
         }
-    };
+    }));
     let (nodes, pglb) = tokio::join!(nodes, pglb);
-    Observation { at, nodes, pglb }
+    Observation {
+        at,
+        nodes,
+        pglb: Witnesses(pglb),
+    }
+}
+
+/// Why pglb's `/stats.json` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PglbReadError {
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: crate::backend::net::ConnectError,
+    },
+    #[error("http exchange with {addr}: {source}")]
+    Http {
+        addr: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("request to {addr}: {source}")]
+    Request {
+        addr: String,
+        #[source]
+        source: hyper::http::Error,
+    },
+    #[error("{addr} answered HTTP {status}")]
+    Status {
+        addr: String,
+        status: hyper::StatusCode,
+    },
+    #[error("unreadable /stats.json from {addr}: {source}")]
+    Body {
+        addr: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no answer from {addr} within {after:?}")]
+    Timeout { addr: String, after: Duration },
+}
+
+impl From<View> for PglbView {
+    /// What a witness says: where pglb sends writes and which backends it has up.
+    fn from(v: View) -> PglbView {
+        PglbView::Reachable {
+            primary: v.primary,
+            up: v
+                .backends
+                .into_iter()
+                .filter(|b| b.state == Status::Up)
+                .map(|b| b.name)
+                .collect(),
+        }
+    }
 }
 
 /// Reads pglb's `/stats.json` at `addr` (`host:port`), with `authorization` when pglb wants it.
 pub async fn pglb_view(addr: &str, authorization: Option<&Secret>, timeout: Duration) -> PglbView {
-    let get = http_get(addr, "/stats.json", authorization, timeout);
-    match tokio::time::timeout(timeout, get).await {
-        Err(_) => PglbView::Unreachable {
-            error: format!("timeout after {timeout:?}"),
+    match read_pglb_stats(addr, authorization, timeout).await {
+        Ok(stats) => stats.into(),
+        Err(e) => PglbView::Unreachable {
+            error: e.to_string(),
         },
-        Ok(Err(error)) => PglbView::Unreachable { error },
-        Ok(Ok(body)) => parse_pglb_stats(&body),
     }
 }
 
-/// The fields of pglb's `/stats.json` the promoter reads: `primary`, and per backend `name`,
-/// `state` and `role`.
-pub fn parse_pglb_stats(body: &str) -> PglbView {
-    let v: serde_json::Value = match serde_json::from_str(body) {
-        Ok(v) => v,
-        Err(e) => {
-            return PglbView::Unreachable {
-                error: format!("unreadable /stats.json: {e}"),
-            }
-        }
-    };
-    let primary = v
-        .get("primary")
-        .and_then(|p| p.as_str())
-        .map(str::to_string);
-    let up = v
-        .get("backends")
-        .and_then(|b| b.as_array())
-        .map(|bs| {
-            bs.iter()
-                .filter(|b| b.get("state").and_then(|s| s.as_str()) == Some("up"))
-                .filter_map(|b| b.get("name").and_then(|n| n.as_str()).map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    PglbView::Reachable { primary, up }
-}
-
-/// Minimal HTTP/1.1 GET with `Connection: close`: the body of a 200 answer.
-async fn http_get(
+/// `GET /stats.json` over one HTTP/1.1 connection (hyper's client) into pglb's own `View`, the
+/// whole exchange bounded by `timeout`.
+pub async fn read_pglb_stats(
     addr: &str,
-    path: &str,
     authorization: Option<&Secret>,
     timeout: Duration,
-) -> Result<String, String> {
-    let mut s = connect_tcp(addr, timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    let auth = authorization
-        .map(|a| format!("Authorization: {}\r\n", a.expose()))
-        .unwrap_or_default();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| "no HTTP header end".to_string())?;
-    let code = head.split_whitespace().nth(1).unwrap_or("");
-    if code != "200" {
-        return Err(format!("HTTP status {code}"));
-    }
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if chunked {
-        dechunk(body)
-    } else {
-        Ok(body.to_string())
-    }
-}
-
-fn dechunk(mut s: &str) -> Result<String, String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = s.split_once("\r\n").ok_or("truncated chunk")?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|e| format!("bad chunk size: {e}"))?;
-        if size == 0 {
-            return Ok(out);
+) -> Result<View, PglbReadError> {
+    let exchange = async {
+        let stream = connect_tcp(addr, timeout)
+            .await
+            .map_err(|source| PglbReadError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let http = |source| PglbReadError::Http {
+            addr: addr.to_string(),
+            source,
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http)?;
+        let conn = tokio::spawn(conn);
+        let mut req = hyper::Request::get("/stats.json").header(hyper::header::HOST, addr);
+        if let Some(a) = authorization {
+            req = req.header(hyper::header::AUTHORIZATION, a.expose());
         }
-        let chunk = rest.get(..size).ok_or("truncated chunk")?;
-        out.push_str(chunk);
-        s = rest[size..]
-            .strip_prefix("\r\n")
-            .ok_or("missing chunk end")?;
-    }
+        let req = req
+            .body(Empty::<Bytes>::new())
+            .map_err(|source| PglbReadError::Request {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let resp = sender.send_request(req).await.map_err(http)?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(http)?.to_bytes();
+        conn.abort();
+        if status != hyper::StatusCode::OK {
+            return Err(PglbReadError::Status {
+                addr: addr.to_string(),
+                status,
+            });
+        }
+        serde_json::from_slice(&body).map_err(|source| PglbReadError::Body {
+            addr: addr.to_string(),
+            source,
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(PglbReadError::Timeout {
+                addr: addr.to_string(),
+                after: timeout,
+            })
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(body: &str) -> Result<PglbView, serde_json::Error> {
+        serde_json::from_str::<View>(body).map(PglbView::from)
+    }
+
     #[test]
     fn pglb_stats_fields() {
-        let v = parse_pglb_stats(
-            r#"{"primary":"pg-1","backends":[{"name":"pg-0","state":"down","role":"unknown"},
-            {"name":"pg-1","state":"up","role":"primary"}]}"#,
-        );
+        let backend = |name: &str, state: Status| crate::view::BackendView {
+            name: name.into(),
+            state,
+            ..Default::default()
+        };
+        // What pglb serves, read back through the same type.
+        let view = View {
+            primary: Some("pg-1".into()),
+            backends: vec![backend("pg-0", Status::Down), backend("pg-1", Status::Up)],
+            ..Default::default()
+        };
+        let v = parse(&serde_json::to_string(&view).unwrap()).unwrap();
         assert_eq!(
             v,
             PglbView::Reachable {
@@ -404,20 +506,44 @@ mod tests {
         );
         assert_eq!(v.sees_primary().as_deref(), Some("pg-1"));
         assert!(!v.sees_up("pg-0"));
-        let none = parse_pglb_stats(r#"{"primary":null,"backends":[]}"#);
+        let none = View::default();
+        let none = parse(&serde_json::to_string(&none).unwrap()).unwrap();
         assert_eq!(none.sees_primary(), None);
-        assert!(matches!(
-            parse_pglb_stats("<html>"),
-            PglbView::Unreachable { .. }
-        ));
+        assert!(parse("<html>").is_err());
     }
 
     #[test]
-    fn chunked_bodies() {
+    fn witnesses_veto_and_abstain() {
+        let w = |at: &str, view: PglbView| Witness {
+            at: at.into(),
+            view,
+        };
+        let gone = PglbView::Unreachable {
+            error: "refused".into(),
+        };
+        let sees = PglbView::Reachable {
+            primary: Some("pg-0".into()),
+            up: vec!["pg-0".into()],
+        };
+        let none = PglbView::Reachable {
+            primary: None,
+            up: vec![],
+        };
+        // One unreachable pglb and one that sees the primary: the one that sees it vetoes.
+        let ws = Witnesses(vec![w("a:1", gone.clone()), w("b:2", sees)]);
+        assert_eq!(ws.sees_primary().as_deref(), Some("pg-0"));
+        assert!(ws.sees_up("pg-0"));
         assert_eq!(
-            dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(),
-            "abcde"
+            ws.summary(),
+            "a:1: unreachable (refused); b:2: primary pg-0"
         );
-        assert!(dechunk("5\r\nab").is_err());
+        // Unreachable ones abstain: they neither veto nor confirm.
+        let ws = Witnesses(vec![w("a:1", gone.clone()), w("b:2", none.clone())]);
+        assert_eq!(ws.sees_primary(), None);
+        assert!(!ws.sees_up("pg-0"));
+        // A single pglb reads as it always did.
+        assert_eq!(Witnesses(vec![w("a:1", none)]).summary(), "no primary");
+        assert_eq!(Witnesses::default().summary(), "not configured");
+        assert_eq!(Witnesses::default().first(), PglbView::NotConfigured);
     }
 }

@@ -8,6 +8,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use postgres_protocol::escape::escape_literal;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::info;
 
@@ -123,9 +125,10 @@ pub trait Promoter: Send + Sync {
     ) -> impl Future<Output = Result<(), ActError>> + Send;
 }
 
-/// A string as a SQL literal (`E'...'`), safe whatever `standard_conforming_strings` says.
+/// A string as a SQL literal, safe whatever `standard_conforming_strings` says (libpq's
+/// `PQescapeLiteral`: `E'...'` when it holds a backslash).
 pub fn sql_literal(s: &str) -> String {
-    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+    escape_literal(s)
 }
 
 fn conninfo_value(v: &str) -> String {
@@ -190,7 +193,9 @@ impl PgPromoter {
     }
 
     async fn session(&self, node: &Member, what: &'static str) -> Result<Client, ActError> {
-        probe::login(&node.address, &self.settings.login, APPLICATION_NAME)
+        self.settings
+            .login
+            .connect(&node.address, APPLICATION_NAME)
             .await
             .map_err(|source| ActError::Server {
                 node: node.name.clone(),
@@ -375,7 +380,7 @@ impl Promoter for PgPromoter {
         match r {
             // Created by someone else in between: what we wanted.
             Err(ActError::Server { source, .. })
-                if source.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) =>
+                if source.code() == Some(&SqlState::DUPLICATE_OBJECT) =>
             {
                 Ok(())
             }
@@ -526,7 +531,8 @@ mod tests {
 
     #[test]
     fn literals_are_escaped() {
-        assert_eq!(sql_literal("a'b\\c"), "E'a\\'b\\\\c'");
+        assert_eq!(sql_literal("a'b"), "'a''b'");
+        assert_eq!(sql_literal("a'b\\c"), " E'a''b\\\\c'");
     }
 
     #[test]

@@ -259,10 +259,7 @@ pub async fn run(settings: &Settings, opts: &RejoinOptions) -> Result<RejoinRepo
     }
     let obs = observe::observe(settings).await;
     let mut state = State::new(
-        Policy {
-            failover_after: settings.failover_after,
-            synchronous: settings.synchronous,
-        },
+        Policy::new(settings.failover_after, settings.synchronous),
         obs.at,
     );
     state.note(&obs);

@@ -5,7 +5,11 @@
 
 use std::time::Duration;
 
-use crate::config::{BackendConfig, CheckConfig, Config, Secret};
+use tokio_postgres::NoTls;
+
+use crate::backend::net::connect_tcp;
+use crate::backend::probe::{self, ProbeError};
+use crate::config::{BackendConfig, Config, Secret};
 
 /// One configured backend as the promoter sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +56,44 @@ pub fn slot_name(name: &str) -> String {
         .collect()
 }
 
+/// How the promoter logs in to every server, for its looks and its steps: its own user and
+/// password (`[promoter] user`, `password_env`/`password_file`), the database from `[check]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Login {
+    pub user: String,
+    pub password: Option<Secret>,
+    pub database: String,
+    /// Bound on connecting (and, for a look, on the whole look): half of `failover_after`,
+    /// kept between 1 s and 5 s.
+    pub timeout: Duration,
+}
+
+impl Login {
+    /// A fresh session on `address` (`host:port`) as `application_name`. The connection task
+    /// ends when the client is dropped.
+    pub async fn connect(
+        &self,
+        address: &str,
+        application_name: &str,
+    ) -> Result<tokio_postgres::Client, ProbeError> {
+        let stream = connect_tcp(address, self.timeout).await?;
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.user(&self.user)
+            .dbname(&self.database)
+            .application_name(application_name);
+        if let Some(pw) = &self.password {
+            cfg.password(pw.expose());
+        }
+        let has_pw = self.password.is_some();
+        let (client, connection) = cfg
+            .connect_raw(stream, NoTls)
+            .await
+            .map_err(|e| probe::classify(e, has_pw))?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+}
+
 /// Why the promoter cannot run with a config.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -65,14 +107,21 @@ pub enum SettingsError {
     },
     #[error("{path}: promoter.pglb_url {url:?}: only http://host:port[/] is supported")]
     PglbUrl { path: String, url: String },
+    /// pglb protects `/stats.json` and the credential the promoter would send cannot be read.
+    #[error("{path}: {key}: {message} (the promoter reads pglb's /stats.json with it)")]
+    PglbSecret {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
 }
 
 /// The promoter's resolved settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub members: Vec<Member>,
-    /// Login for checks and actions: `[promoter] user`/password, database from `[check]`.
-    pub login: CheckConfig,
+    /// Login for looks and steps.
+    pub login: Login,
     pub replication_user: String,
     pub replication_password: Option<Secret>,
     /// How long no primary may answer before a failover (witnesses agreeing). Default 3 s.
@@ -80,8 +129,9 @@ pub struct Settings {
     pub synchronous: bool,
     /// Time between two looks at the cluster. Default 500 ms.
     pub interval: Duration,
-    /// pglb's stats endpoint (`host:port`, path `/stats.json`), a witness when reachable.
-    pub pglb_stats: Option<String>,
+    /// pglb stats endpoints (`host:port`, path `/stats.json`): each a witness when reachable.
+    /// Never empty: `pglb_url` when set, else `listen.stats` on localhost.
+    pub pglb_stats: Vec<String>,
     /// `Authorization` header for it when pglb's `[stats]` protects reading: its read token,
     /// else its admin token, else Basic with its read user.
     pub pglb_authorization: Option<Secret>,
@@ -110,50 +160,70 @@ impl Settings {
         };
         let password = secret(&p.password, "password")?;
         let replication_password = secret(&p.replication_password, "replication_password")?;
-        let pglb_stats = match &p.pglb_url {
-            Some(url) => Some(parse_http_url(url).ok_or_else(|| SettingsError::PglbUrl {
-                path: path.clone(),
-                url: url.clone(),
-            })?),
+        let pglb_stats = if p.pglb_url.is_empty() {
             // pglb listens on listen.stats; an unspecified address means this host.
-            None => {
-                let mut a = c.listen.stats;
-                if a.ip().is_unspecified() {
-                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-                }
-                Some(a.to_string())
+            let mut a = c.listen.stats;
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
+            vec![a.to_string()]
+        } else {
+            p.pglb_url
+                .iter()
+                .map(|url| {
+                    parse_http_url(url).ok_or_else(|| SettingsError::PglbUrl {
+                        path: path.clone(),
+                        url: url.clone(),
+                    })
+                })
+                .collect::<Result<_, _>>()?
         };
+        // pglb's read credential, in pglb's order: read token, admin token, Basic read user.
+        // The file is read with secrets optional (pglb's check password is not ours), so one
+        // named but unreadable here is an error now rather than a witness that answers 401.
         let pglb_authorization = {
             use base64::Engine;
             let st = &c.stats;
-            st.read_token
-                .as_ref()
-                .or(st.admin_token.as_ref())
-                .map(|t| Secret::new(format!("Bearer {}", t.expose())))
-                .or_else(|| {
-                    st.read_basic.as_ref().map(|(user, pw)| {
-                        let raw = format!("{user}:{}", pw.expose());
-                        Secret::new(format!(
-                            "Basic {}",
-                            base64::engine::general_purpose::STANDARD.encode(raw)
-                        ))
-                    })
-                })
+            let unreadable =
+                |key: &'static str, src: &crate::config::SecretSource| SettingsError::PglbSecret {
+                    path: path.clone(),
+                    key,
+                    message: src.resolve().err().unwrap_or_else(|| "not readable".into()),
+                };
+            let bearer = |t: &Secret| Secret::new(format!("Bearer {}", t.expose()));
+            if let Some(src) = &st.read_token_source {
+                Some(bearer(
+                    st.read_token
+                        .as_ref()
+                        .ok_or_else(|| unreadable("stats.read_token", src))?,
+                ))
+            } else if let Some(src) = &st.admin_token_source {
+                Some(bearer(
+                    st.admin_token
+                        .as_ref()
+                        .ok_or_else(|| unreadable("stats.admin_token", src))?,
+                ))
+            } else if let Some(src) = &st.read_password_source {
+                let (user, pw) = st
+                    .read_basic
+                    .as_ref()
+                    .ok_or_else(|| unreadable("stats.read_password", src))?;
+                let raw = format!("{user}:{}", pw.expose());
+                Some(Secret::new(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(raw)
+                )))
+            } else {
+                None
+            }
         };
         Ok(Settings {
             members: c.backends.iter().map(Member::from_config).collect(),
-            login: CheckConfig {
-                interval: p.interval,
-                timeout: probe_timeout(p.failover_after),
-                relogin: c.check.relogin,
-                fast_interval: c.check.fast_interval,
-                rise: 1,
-                fall: 1,
+            login: Login {
                 user: p.user.clone(),
                 password,
-                password_source: p.password.clone(),
                 database: c.check.database.clone(),
+                timeout: probe_timeout(p.failover_after),
             },
             replication_user: p.replication_user.clone(),
             replication_password,
@@ -201,6 +271,7 @@ pub fn parse_http_url(url: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secrets;
     use std::path::Path;
 
     #[test]
@@ -249,7 +320,7 @@ no_failover = true
         assert_eq!(s.members.len(), 2);
         assert_eq!(s.members[1].priority, 150);
         assert!(s.members[1].no_failover);
-        assert_eq!(s.pglb_stats.as_deref(), Some("127.0.0.1:9404"));
+        assert_eq!(s.pglb_stats, ["127.0.0.1:9404"]);
         assert_eq!(s.probe_timeout(), Duration::from_millis(1500));
         assert_eq!(s.login.user, "postgres");
         assert_eq!(s.listen, "0.0.0.0:8405");
@@ -298,5 +369,67 @@ no_failover = true
         let e = Settings::from_config(&c).unwrap_err().to_string();
         assert!(e.contains("promoter.password"), "{e}");
         assert!(e.contains("PGLB_TEST_SURELY_UNSET_PROMOTER_PW"), "{e}");
+    }
+
+    #[test]
+    fn pglb_url_is_a_string_or_a_list() {
+        let with = |v: &str| {
+            let c = Config::parse(
+                Path::new("lb.toml"),
+                &CFG.replace("[promoter]", &format!("[promoter]\npglb_url = {v}")),
+            )
+            .unwrap();
+            Settings::from_config(&c).map(|s| s.pglb_stats)
+        };
+        assert_eq!(with("\"http://a:8404\"").unwrap(), ["a:8404"]);
+        assert_eq!(
+            with("[\"http://a:8404\", \"http://b:9404/\"]").unwrap(),
+            ["a:8404", "b:9404"]
+        );
+        let e = with("[\"http://a:8404\", \"https://b\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("promoter.pglb_url \"https://b\""), "{e}");
+        assert!(Config::parse(
+            Path::new("lb.toml"),
+            &CFG.replace("[promoter]", "[promoter]\npglb_url = 3")
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn the_check_password_is_not_the_promoters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lb.toml");
+        std::fs::write(
+            &path,
+            CFG.replace(
+                "user = \"pglb_check\"",
+                "user = \"pglb_check\"\npassword_env = \"PGLB_TEST_SURELY_UNSET_CHECK_PW\"",
+            ),
+        )
+        .unwrap();
+        assert!(Config::load(&path).is_err(), "pglb needs it");
+        let c = Config::load_with(&path, Secrets::Optional).unwrap();
+        assert!(c.check.password.is_none());
+        let s = Settings::from_config(&c).unwrap();
+        assert_eq!(s.login.user, "postgres");
+        assert_eq!(s.login.password, None);
+    }
+
+    #[test]
+    fn pglb_read_credentials_named_but_unreadable_are_an_error() {
+        let c = Config::parse_with(
+            Path::new("lb.toml"),
+            &CFG.replace(
+                "[check]",
+                "[stats]\nread_token_env = \"PGLB_TEST_SURELY_UNSET_READ_TOKEN\"\n[check]",
+            ),
+            Secrets::Optional,
+        )
+        .unwrap();
+        let e = Settings::from_config(&c).unwrap_err().to_string();
+        assert!(e.contains("stats.read_token"), "{e}");
+        assert!(e.contains("PGLB_TEST_SURELY_UNSET_READ_TOKEN"), "{e}");
     }
 }

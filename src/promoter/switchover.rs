@@ -6,9 +6,11 @@
 //! write outage is measured from the moment the old primary went read-only to the promotion and,
 //! when pglb can be asked, to pglb routing writes to NAME.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use futures_util::future::join_all;
 use serde::Serialize;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::decide::{self, Primary, State};
@@ -68,10 +70,7 @@ pub async fn run<P: Promoter>(
         .ok_or_else(|| SwitchoverError::UnknownTarget(to.to_string()))?;
     let obs = observe::observe(settings).await;
     let mut state = State::new(
-        super::decide::Policy {
-            failover_after: settings.failover_after,
-            synchronous: settings.synchronous,
-        },
+        super::decide::Policy::new(settings.failover_after, settings.synchronous),
         obs.at,
     );
     state.note(&obs);
@@ -169,27 +168,31 @@ pub async fn run<P: Promoter>(
     )
     .await?;
 
-    // 4. Until pglb routes writes to the target.
+    // 4. Until every pglb that answers routes writes to the target.
     let mut pglb_after = None;
-    if let Some(addr) = &settings.pglb_stats {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let PglbView::Reachable {
-                primary: Some(p), ..
-            } = observe::pglb_view(
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !settings.pglb_stats.is_empty() && Instant::now() < deadline {
+        let views = join_all(settings.pglb_stats.iter().map(|addr| {
+            observe::pglb_view(
                 addr,
                 settings.pglb_authorization.as_ref(),
                 Duration::from_secs(2),
             )
-            .await
-            {
-                if p == to {
-                    pglb_after = Some(started.elapsed());
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        }))
+        .await;
+        let answering: Vec<&PglbView> = views
+            .iter()
+            .filter(|v| matches!(v, PglbView::Reachable { .. }))
+            .collect();
+        if !answering.is_empty()
+            && answering
+                .iter()
+                .all(|v| v.sees_primary().as_deref() == Some(to))
+        {
+            pglb_after = Some(started.elapsed());
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let report = SwitchoverReport {
         from: old.name.clone(),

@@ -128,6 +128,7 @@ pub struct PromoterBuilder {
     promoter: toml::Table,
     backend_keys: HashMap<String, toml::Table>,
     addresses: HashMap<String, String>,
+    args: Vec<String>,
 }
 
 impl Default for PromoterBuilder {
@@ -153,7 +154,24 @@ impl PromoterBuilder {
             ]),
             backend_keys: HashMap::new(),
             addresses: HashMap::new(),
+            args: Vec::new(),
         }
+    }
+
+    /// An extra argument for the sidecar's command line (e.g. `--dry-run`).
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_string());
+        self
+    }
+
+    /// `pglb_url` as a list: every pglb in `stats` is a witness (default: the one given to
+    /// [`PromoterBuilder::start`]).
+    pub fn pglb_urls(self, stats: &[SocketAddr]) -> Self {
+        let urls: Vec<toml::Value> = stats
+            .iter()
+            .map(|a| toml::Value::from(format!("http://{a}")))
+            .collect();
+        self.set("pglb_url", toml::Value::Array(urls))
     }
 
     /// `[promoter] key = value`.
@@ -212,7 +230,9 @@ impl PromoterBuilder {
         let status = free_addr();
         let mut promoter = self.promoter.clone();
         promoter.insert("listen".into(), status.to_string().into());
-        promoter.insert("pglb_url".into(), format!("http://{}", lb.stats).into());
+        if !promoter.contains_key("pglb_url") {
+            promoter.insert("pglb_url".into(), format!("http://{}", lb.stats).into());
+        }
         root.insert("promoter".into(), toml::Value::Table(promoter));
         let config = dir.path().join("lb.toml");
         fs::write(
@@ -226,6 +246,7 @@ impl PromoterBuilder {
             log: dir.path().join("promoter.log"),
             status,
             runs: 0,
+            args: self.args,
             _dir: dir,
         };
         p.spawn();
@@ -241,6 +262,8 @@ pub struct Promoter {
     /// Its `/status` address.
     pub status: SocketAddr,
     runs: u32,
+    /// Extra arguments of the sidecar (not of one-shot commands).
+    args: Vec<String>,
     _dir: TempDir,
 }
 
@@ -249,7 +272,8 @@ impl Promoter {
         let mut cmd = Command::new(promoter_bin());
         cmd.arg("--config")
             .arg(&self.config)
-            .env("PGLB_CHECK_PASSWORD", CHECK_PASSWORD)
+            // Only its own secrets: pglb's check password is not the promoter's business.
+            .env_remove("PGLB_CHECK_PASSWORD")
             .env("PGLB_PROMOTER_PASSWORD", PROMOTER_PASSWORD)
             .env("PGLB_REPLICATION_PASSWORD", REPL_PASSWORD)
             .env_remove("RUST_LOG")
@@ -271,6 +295,7 @@ impl Promoter {
         let _ = writeln!(log, "=== pglb-promoter run {}", self.runs);
         let child = self
             .command()
+            .args(&self.args)
             .stdout(log.try_clone().expect("clone log fd"))
             .stderr(log)
             .spawn()
