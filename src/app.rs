@@ -132,6 +132,8 @@ impl Balancer {
         let background = TaskTracker::new();
         let sessions = TaskTracker::new();
         let hard_stop = CancellationToken::new();
+        // The session listeners stop here: at SIGTERM, or `shutdown_delay` after it.
+        let accepting = CancellationToken::new();
         let prometheus = prometheus();
         let path = config.path.clone();
 
@@ -168,7 +170,7 @@ impl Balancer {
             (write, PortRole::Write, config.listen.write),
             (read, PortRole::Read, config.listen.read),
         ] {
-            let stop = shutdown.child_token();
+            let stop = accepting.child_token();
             let load = Arc::new(PortLoad::default());
             serve_port(group, role, &ctx, &stop, &sessions, &load);
             ports.push(PortListener { addr, stop, load });
@@ -214,6 +216,7 @@ impl Balancer {
                 ctx.clone(),
                 sessions.clone(),
                 shutdown.clone(),
+                accepting.clone(),
                 watcher,
                 workers.clone(),
             ),
@@ -221,12 +224,15 @@ impl Balancer {
 
         let done = tokio::spawn(drain(
             control.clone(),
-            shutdown.clone(),
-            hard_stop,
+            Stops {
+                shutdown: shutdown.clone(),
+                accepting,
+                hard_stop,
+                stats: stats_stop,
+            },
             sessions,
             background,
             workers,
-            stats_stop,
         ));
         info!(
             write = %write_addr,
@@ -264,16 +270,40 @@ impl Balancer {
 
 /// After the root token is cancelled: listeners have stopped accepting; give open sessions up to
 /// `shutdown_timeout`, then cut the rest.
+/// The tokens of a shutdown, in the order the drain cancels them.
+struct Stops {
+    /// SIGTERM/SIGINT (or `Balancer::shutdown`): `/live` turns 503.
+    shutdown: CancellationToken,
+    /// The session listeners: `shutdown_delay` after `shutdown`.
+    accepting: CancellationToken,
+    /// Open sessions: when `shutdown_timeout` is over.
+    hard_stop: CancellationToken,
+    /// The stats listener: last.
+    stats: CancellationToken,
+}
+
 async fn drain(
     control: Control,
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
+    stops: Stops,
     sessions: TaskTracker,
     background: TaskTracker,
     workers: Arc<Workers>,
-    stats_stop: CancellationToken,
 ) {
+    let Stops {
+        shutdown,
+        accepting,
+        hard_stop,
+        stats: stats_stop,
+    } = stops;
     shutdown.cancelled().await;
+    // `/live` answers 503 from now on; listeners go on accepting for shutdown_delay so that a
+    // VIP or a load balancer moves new clients away before they would be refused.
+    let delay = control.view().config().proxy.shutdown_delay;
+    if !delay.is_zero() {
+        info!(delay = ?delay, "shutting down: /live is 503, still accepting new sessions for shutdown_delay");
+        tokio::time::sleep(delay).await;
+    }
+    accepting.cancel();
     sessions.close();
     background.close();
     let view = control.view();
@@ -308,6 +338,7 @@ async fn reload_loop(
     ctx: SessionContext,
     sessions: TaskTracker,
     shutdown: CancellationToken,
+    accepting: CancellationToken,
     _watcher: Option<notify::RecommendedWatcher>,
     workers: Arc<Workers>,
 ) {
@@ -357,7 +388,7 @@ async fn reload_loop(
                     }
                     match workers.bind(want) {
                         Ok(group) => {
-                            let stop = shutdown.child_token();
+                            let stop = accepting.child_token();
                             serve_port(group, role, &ctx, &stop, &sessions, &p.load);
                             p.stop.cancel();
                             info!(port = role.as_str(), from = %p.addr, to = %want, "listener rebound");

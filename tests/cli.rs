@@ -171,3 +171,74 @@ async fn sigterm_without_sessions_exits_zero_promptly() {
         .expect("pglb did not exit within 5 s of SIGTERM");
     assert!(status.success(), "pglb exited with {status} after SIGTERM");
 }
+
+/// `[proxy] shutdown_delay`: after SIGTERM `/live` answers 503 at once while new sessions are
+/// still accepted for the delay (a VIP moves away first); then the listeners close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_with_shutdown_delay_keeps_accepting_while_live_is_503() {
+    let cluster = PgCluster::start(0);
+    let mut lb = Pglb::builder(&cluster)
+        .set("proxy", "shutdown_delay", "3s")
+        .start();
+    lb.wait_ready().await;
+    lb.signal(libc::SIGTERM);
+    wait_until(
+        Duration::from_secs(2),
+        "/live answers 503 after SIGTERM",
+        || matches!(http_get(lb.stats, "/live"), Ok((503, _))),
+    )
+    .await;
+    // Within the delay: a new client still gets the primary.
+    let late = connect_ok(lb.write).await;
+    assert_eq!(backend_port(&late).await, cluster.primary().port());
+    drop(late);
+    // After it: the listeners are closed and pglb exits by itself.
+    let status = lb
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("pglb did not exit after shutdown_delay");
+    assert!(status.success(), "{status}");
+    assert!(
+        connect(lb.write).await.is_err(),
+        "still accepting after exit"
+    );
+}
+
+/// `pglb check` validates a file where its secrets are not present (a laptop, CI): a missing
+/// secret is a warning naming the variable and its line, exit 0; `--strict` makes it an error,
+/// and running pglb needs it.
+#[test]
+fn check_without_the_secret_warns_and_strict_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("good.toml");
+    std::fs::write(&path, config_text("")).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(pglb_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .env_remove("PGLB_CHECK_PASSWORD")
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run pglb");
+        (out.status, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (status, stderr) = run(&["check"]);
+    assert!(
+        status.success(),
+        "check without the secret failed ({status}): {stderr}"
+    );
+    assert!(
+        stderr.contains("warning")
+            && stderr.contains("PGLB_CHECK_PASSWORD")
+            && stderr.contains("good.toml:"),
+        "no warning naming the variable and its line: {stderr}"
+    );
+    let (status, stderr) = run(&["check", "--strict"]);
+    assert_eq!(
+        status.code(),
+        Some(64),
+        "check --strict accepted a missing secret: {stderr}"
+    );
+    assert!(stderr.contains("PGLB_CHECK_PASSWORD"), "{stderr}");
+}

@@ -227,6 +227,10 @@ pub struct FileProxy {
     pub client_startup_timeout: Duration,
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// After SIGTERM, keep accepting new sessions this long while `/live` already answers 503,
+    /// so a VIP or load balancer moves traffic away before the listeners close.
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_delay: Duration,
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
     #[serde(default = "yes")]
@@ -265,6 +269,7 @@ impl Default for FileProxy {
             connect_timeout: default_connect_timeout(),
             client_startup_timeout: default_startup_timeout(),
             shutdown_timeout: default_shutdown_timeout(),
+            shutdown_delay: Duration::ZERO,
             drain_timeout: default_drain_timeout(),
             close_on_writer_change: true,
             maxconn: default_maxconn(),

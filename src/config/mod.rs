@@ -237,6 +237,9 @@ pub struct ProxyConfig {
     pub client_startup_timeout: Duration,
     #[serde(serialize_with = "human")]
     pub shutdown_timeout: Duration,
+    /// Accepting goes on this long after SIGTERM (`/live` already 503). Default 0.
+    #[serde(serialize_with = "human")]
+    pub shutdown_delay: Duration,
     #[serde(serialize_with = "human")]
     pub drain_timeout: Duration,
     pub close_on_writer_change: bool,
@@ -607,6 +610,7 @@ impl Validator<'_> {
                 connect_timeout: raw.proxy.connect_timeout,
                 client_startup_timeout: raw.proxy.client_startup_timeout,
                 shutdown_timeout: raw.proxy.shutdown_timeout,
+                shutdown_delay: raw.proxy.shutdown_delay,
                 drain_timeout: raw.proxy.drain_timeout,
                 close_on_writer_change: raw.proxy.close_on_writer_change,
                 maxconn: raw.proxy.maxconn,
