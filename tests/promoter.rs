@@ -185,6 +185,26 @@ async fn kill9_of_the_primary_under_writes_fails_over() {
         "async mode: {lost} acknowledged rows lost of {}",
         acks.len()
     );
+
+    // pglb's stats page shows what the promoter did once it is told where the promoter is.
+    std::fs::write(
+        lb.config_path(),
+        Pglb::builder(&cluster)
+            .set(
+                "stats",
+                "promoter_url",
+                format!("http://{}", promoter.status),
+            )
+            .render(lb.write, lb.read, lb.stats),
+    )
+    .unwrap();
+    let want = format!("pg-0 → {} at ", new.name());
+    wait_until(T, "pglb's page shows the promoter's last failover", || {
+        http_get(lb.stats, "/").is_ok_and(|(code, page)| {
+            code == 200 && page.contains("decision: steady") && page.contains(&want)
+        })
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -330,6 +330,9 @@ pub struct FileStats {
     /// Named but not readable is a config error, not silently "off".
     pub admin_token_env: Option<Spanned<String>>,
     pub admin_token_file: Option<Spanned<String>>,
+    /// `http://host:port` of pglb-promoter's status endpoint: the stats page shows its state and
+    /// last failover.
+    pub promoter_url: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -282,6 +282,9 @@ pub struct StatsConfig {
     pub read_password_source: Option<SecretSource>,
     #[serde(rename = "read_token_from", serialize_with = "source")]
     pub read_token_source: Option<SecretSource>,
+    /// The promoter's status endpoint as `host:port` (from `promoter_url`), for the stats page.
+    #[serde(rename = "promoter_url")]
+    pub promoter_status: Option<String>,
 }
 
 impl StatsConfig {
@@ -630,6 +633,20 @@ impl Validator<'_> {
                 admin_token_source,
                 read_password_source,
                 read_token_source,
+                promoter_status: match &st.promoter_url {
+                    None => None,
+                    Some(u) => Some(
+                        crate::promoter::settings::parse_http_url(u.get_ref()).ok_or_else(
+                            || {
+                                self.invalid(
+                                    u,
+                                    "stats.promoter_url",
+                                    "only http://host:port is supported",
+                                )
+                            },
+                        )?,
+                    ),
+                },
             },
             promoter,
             store,

@@ -2,6 +2,7 @@
 //! and `/live`, plus the admin API. Handlers render from the control plane's newest `View` (an
 //! `Arc`, no lock held while formatting). `server` is the HTTP serve loop both binaries use.
 
+pub mod client;
 pub mod server;
 mod stats_page;
 
@@ -197,10 +198,14 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
     let resp = match path.as_str() {
         "/" => {
             let view = ctx.control.view().live();
+            let promoter = match &view.config().stats.promoter_status {
+                Some(addr) => Some(promoter_panel(addr).await),
+                None => None,
+            };
             text(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                stats_page::render(&view, view.sessions_waiting, None),
+                stats_page::render(&view, view.sessions_waiting, promoter),
             )
         }
         "/stats.json" => {
@@ -234,6 +239,62 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     };
     Ok(resp)
+}
+
+/// The promoter's state for the page, read from its `/status` (bounded: the page never waits
+/// long for it).
+async fn promoter_panel(addr: &str) -> stats_page::PromoterPanel {
+    use crate::promoter::http::Status;
+    let source = format!("http://{addr}/status");
+    match client::get_json::<Status>(addr, "/status", None, std::time::Duration::from_millis(700))
+        .await
+    {
+        Ok(s) => {
+            let mut summary = format!("decision: {}", s.decision);
+            if let Some(r) = &s.reason {
+                summary.push_str(&format!(" ({r})"));
+            }
+            summary.push_str(&format!(
+                " · primary: {} · failovers: {}",
+                s.primary.as_deref().unwrap_or("none"),
+                s.failovers
+            ));
+            if !s.fenced.is_empty() {
+                summary.push_str(&format!(" · fenced: {}", s.fenced.join(", ")));
+            }
+            if s.dry_run {
+                summary.push_str(" · dry run");
+            }
+            let last_failover = s.last_failover.map(|f| {
+                let at =
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(f.at_unix.max(0.0));
+                let mut t = format!(
+                    "{} → {} at {}: {}",
+                    f.from.as_deref().unwrap_or("?"),
+                    f.to.as_deref().unwrap_or("nobody"),
+                    humantime::format_rfc3339_seconds(at),
+                    f.outcome
+                );
+                if let Some(total) = f.total_seconds {
+                    t.push_str(&format!(" in {total:.1} s"));
+                }
+                if let Some(e) = f.error {
+                    t.push_str(&format!(" ({e})"));
+                }
+                t
+            });
+            stats_page::PromoterPanel {
+                source,
+                summary,
+                last_failover,
+            }
+        }
+        Err(e) => stats_page::PromoterPanel {
+            source,
+            summary: format!("unreachable: {e}"),
+            last_failover: None,
+        },
+    }
 }
 
 /// Serves the stats listener until `stop` is cancelled.

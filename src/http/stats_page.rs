@@ -264,5 +264,25 @@ mod tests {
         );
         assert!(!html.contains("<b>bad</b>"));
         assert!(html.contains("generation <b>4</b>"));
+        assert!(
+            !html.contains("promoter"),
+            "no promoter panel without a promoter"
+        );
+    }
+
+    #[test]
+    fn shows_the_promoters_state_when_it_has_one() {
+        let panel = PromoterPanel {
+            source: "http://promoter:8405/status".into(),
+            summary: "decision: steady · primary: pg-1 · failovers: 1".into(),
+            last_failover: Some("pg-0 → pg-1 at 2026-12-01T10:00:00Z: promoted in 2.9 s".into()),
+        };
+        let html = render(&snapshot(), 2, Some(panel));
+        assert!(html.contains("decision: steady"), "{html}");
+        assert!(
+            html.contains("pg-0 → pg-1 at 2026-12-01T10:00:00Z"),
+            "{html}"
+        );
+        assert!(html.contains("2 new sessions waiting"), "{html}");
     }
 }

@@ -11,7 +11,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -19,11 +19,11 @@ use tracing::{info, warn};
 use super::observe::{PglbView, Witnesses};
 
 /// The last failover this process ran (or tried).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FailoverRecord {
     pub at_unix: f64,
     /// `promoted`, or why nobody was (`FailoverError::kind`).
-    pub outcome: &'static str,
+    pub outcome: String,
     /// The evidence the decision was taken on.
     pub reason: String,
     pub from: Option<String>,
@@ -41,11 +41,11 @@ pub struct FailoverRecord {
 }
 
 /// One backend on the status page.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeSummary {
     pub name: String,
     /// primary, replica, stale (writable on an older timeline) or unreachable.
-    pub role: &'static str,
+    pub role: String,
     pub error: Option<String>,
     pub timeline: Option<u32>,
     pub lsn: Option<String>,
@@ -55,10 +55,10 @@ pub struct NodeSummary {
     pub no_failover: bool,
 }
 
-/// Everything `/status` shows. Field names are stable.
-#[derive(Debug, Clone, Serialize)]
+/// Everything `/status` shows. Field names are stable; pglb's stats page reads it back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
-    pub version: &'static str,
+    pub version: String,
     pub dry_run: bool,
     pub config_file: String,
     pub started_unix: f64,
@@ -67,9 +67,9 @@ pub struct Status {
     /// The primary as derived from the servers at the last look.
     pub primary: Option<String>,
     /// steady, reconcile, failover or wait.
-    pub decision: &'static str,
+    pub decision: String,
     /// For a wait: `WaitReason::kind` and its text with evidence.
-    pub reason_kind: Option<&'static str>,
+    pub reason_kind: Option<String>,
     pub reason: Option<String>,
     /// How long no primary has answered (null while one does).
     pub primary_down_seconds: Option<f64>,
@@ -101,14 +101,14 @@ pub fn unix_now() -> f64 {
 impl Status {
     pub fn new(config_file: String, dry_run: bool) -> Status {
         Status {
-            version: env!("CARGO_PKG_VERSION"),
+            version: env!("CARGO_PKG_VERSION").to_string(),
             dry_run,
             config_file,
             started_unix: unix_now(),
             looks: 0,
             last_look_unix: None,
             primary: None,
-            decision: "starting",
+            decision: "starting".to_string(),
             reason_kind: None,
             reason: None,
             primary_down_seconds: None,
@@ -207,7 +207,7 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Infa
                     "text/plain",
                     format!(
                         "no primary: {}\n",
-                        s.reason.as_deref().unwrap_or(s.decision)
+                        s.reason.as_deref().unwrap_or(&s.decision)
                     ),
                 ),
             }

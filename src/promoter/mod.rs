@@ -251,7 +251,7 @@ fn summaries(obs: &Observation, state: &State) -> Vec<NodeSummary> {
             let st = n.reachable();
             NodeSummary {
                 name: n.name().to_string(),
-                role,
+                role: role.to_string(),
                 error: n.status.as_ref().err().map(|e| e.to_string()),
                 timeline: st.map(|s| s.timeline),
                 lsn: st.map(|s| s.position().to_string()),
@@ -332,7 +332,10 @@ fn publish(shared: &Shared, obs: &Observation, state: &State, settings: &Setting
         st.looks += 1;
         st.last_look_unix = Some(http::unix_now());
         st.primary = primary_name;
-        st.decision = decision.map(Decision::kind).unwrap_or("starting");
+        st.decision = decision
+            .map(Decision::kind)
+            .unwrap_or("starting")
+            .to_string();
         st.primary_down_seconds = down.map(|d| d.as_secs_f64());
         st.failover_after_seconds = settings.failover_after.as_secs_f64();
         st.synchronous = settings.synchronous;
@@ -345,7 +348,9 @@ fn publish(shared: &Shared, obs: &Observation, state: &State, settings: &Setting
             _ => vec![],
         };
         (st.reason_kind, st.reason) = match decision {
-            Some(Decision::Wait { reason }) => (Some(reason.kind()), Some(reason.to_string())),
+            Some(Decision::Wait { reason }) => {
+                (Some(reason.kind().to_string()), Some(reason.to_string()))
+            }
             _ => (None, None),
         };
     });
@@ -417,7 +422,7 @@ async fn execute_failover<P: Promoter>(
             (
                 FailoverRecord {
                     at_unix: http::unix_now(),
-                    outcome: "promoted",
+                    outcome: "promoted".to_string(),
                     reason,
                     from: plan.from.clone(),
                     to: Some(p.to.clone()),
@@ -441,7 +446,7 @@ async fn execute_failover<P: Promoter>(
             (
                 FailoverRecord {
                     at_unix: http::unix_now(),
-                    outcome: e.kind(),
+                    outcome: e.kind().to_string(),
                     reason,
                     from: plan.from.clone(),
                     to: None,

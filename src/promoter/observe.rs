@@ -6,16 +6,12 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::future::join_all;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_postgres::SimpleQueryMessage;
 
 use super::settings::{Login, Member, Settings};
-use crate::backend::net::connect_tcp;
 use crate::backend::probe::{self, ProbeError, ProbeReport};
 use crate::config::Secret;
 use crate::pg::Lsn;
@@ -111,7 +107,7 @@ impl NodeStatus {
 }
 
 /// One pglb as a witness.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum PglbView {
     /// No pglb to ask.
@@ -155,7 +151,7 @@ impl PglbView {
 }
 
 /// One configured pglb and what it said.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Witness {
     /// `host:port` of its stats endpoint.
     pub at: String,
@@ -166,7 +162,7 @@ pub struct Witness {
 /// Every configured pglb, in config order. A reachable one that still sees the primary (or has
 /// the last primary up) holds a failover back; an unreachable one abstains. So a second pglb can
 /// only add a reason to wait, never remove one.
-#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Witnesses(pub Vec<Witness>);
 
@@ -358,40 +354,7 @@ pub async fn observe(settings: &Settings) -> Observation {
 }
 
 /// Why pglb's `/stats.json` could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum PglbReadError {
-    #[error("connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: crate::backend::net::ConnectError,
-    },
-    #[error("http exchange with {addr}: {source}")]
-    Http {
-        addr: String,
-        #[source]
-        source: hyper::Error,
-    },
-    #[error("request to {addr}: {source}")]
-    Request {
-        addr: String,
-        #[source]
-        source: hyper::http::Error,
-    },
-    #[error("{addr} answered HTTP {status}")]
-    Status {
-        addr: String,
-        status: hyper::StatusCode,
-    },
-    #[error("unreadable /stats.json from {addr}: {source}")]
-    Body {
-        addr: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("no answer from {addr} within {after:?}")]
-    Timeout { addr: String, after: Duration },
-}
+pub type PglbReadError = crate::http::client::GetError;
 
 impl From<View> for PglbView {
     /// What a witness says: where pglb sends writes and which backends it has up.
@@ -418,61 +381,14 @@ pub async fn pglb_view(addr: &str, authorization: Option<&Secret>, timeout: Dura
     }
 }
 
-/// `GET /stats.json` over one HTTP/1.1 connection (hyper's client) into pglb's own `View`, the
-/// whole exchange bounded by `timeout`.
+/// `GET /stats.json` (the shared hyper client) into pglb's own `View`, the whole exchange bounded
+/// by `timeout`.
 pub async fn read_pglb_stats(
     addr: &str,
     authorization: Option<&Secret>,
     timeout: Duration,
 ) -> Result<View, PglbReadError> {
-    let exchange = async {
-        let stream = connect_tcp(addr, timeout)
-            .await
-            .map_err(|source| PglbReadError::Connect {
-                addr: addr.to_string(),
-                source,
-            })?;
-        let http = |source| PglbReadError::Http {
-            addr: addr.to_string(),
-            source,
-        };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(http)?;
-        let conn = tokio::spawn(conn);
-        let mut req = hyper::Request::get("/stats.json").header(hyper::header::HOST, addr);
-        if let Some(a) = authorization {
-            req = req.header(hyper::header::AUTHORIZATION, a.expose());
-        }
-        let req = req
-            .body(Empty::<Bytes>::new())
-            .map_err(|source| PglbReadError::Request {
-                addr: addr.to_string(),
-                source,
-            })?;
-        let resp = sender.send_request(req).await.map_err(http)?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(http)?.to_bytes();
-        conn.abort();
-        if status != hyper::StatusCode::OK {
-            return Err(PglbReadError::Status {
-                addr: addr.to_string(),
-                status,
-            });
-        }
-        serde_json::from_slice(&body).map_err(|source| PglbReadError::Body {
-            addr: addr.to_string(),
-            source,
-        })
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .unwrap_or_else(|_| {
-            Err(PglbReadError::Timeout {
-                addr: addr.to_string(),
-                after: timeout,
-            })
-        })
+    crate::http::client::get_json(addr, "/stats.json", authorization, timeout).await
 }
 
 #[cfg(test)]
