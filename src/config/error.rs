@@ -29,6 +29,21 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// "file:line: key `k`", the place this error is about (the file alone for an io error).
+    pub fn at(&self) -> String {
+        match self {
+            ConfigError::Io { path, .. } => path.display().to_string(),
+            ConfigError::Parse {
+                path, line, key, ..
+            }
+            | ConfigError::Invalid {
+                path, line, key, ..
+            } => {
+                format!("{}:{line}: key `{key}`", path.display())
+            }
+        }
+    }
+
     /// Stable label for metrics and the stats page.
     pub fn kind(&self) -> &'static str {
         match self {

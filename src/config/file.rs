@@ -376,7 +376,7 @@ pub struct FilePromoter {
     pub interval: Duration,
     /// pglb's stats endpoint (`http://host:8404`), or a list of them: each reachable pglb is a
     /// witness. Default: derived from `listen.stats` on localhost.
-    pub pglb_url: Option<OneOrMany>,
+    pub pglb_url: Option<Spanned<OneOrMany>>,
     /// Where the promoter serves its own state (`/status`, `/metrics`). Default "0.0.0.0:8405".
     #[serde(default = "default_promoter_listen")]
     pub listen: String,

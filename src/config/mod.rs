@@ -182,6 +182,10 @@ pub struct PromoterConfig {
     pub interval: Duration,
     /// pglb stats endpoints as written (`http://host:port`); empty: listen.stats on localhost.
     pub pglb_url: Vec<String>,
+    /// Where `password` and `replication_password` are named ("file:line: key `...`"), so the
+    /// promoter's errors about them name the line too.
+    #[serde(skip)]
+    pub secrets_at: [Option<String>; 2],
     pub listen: String,
 }
 
@@ -471,7 +475,26 @@ impl Validator<'_> {
                 let password = source(&p.password_env, &p.password_file);
                 let replication_password =
                     source(&p.replication_password_env, &p.replication_password_file);
+                // Where each is named ("file:line: key `...`"), for the promoter's messages.
+                let at = |env: &Option<Spanned<String>>,
+                          file: &Option<Spanned<String>>,
+                          key: &str| {
+                    match (env, file) {
+                        (Some(e), _) => Some(self.invalid(e, &format!("{key}_env"), "").at()),
+                        (None, Some(f)) => Some(self.invalid(f, &format!("{key}_file"), "").at()),
+                        (None, None) => None,
+                    }
+                };
+                let secrets_at = [
+                    at(&p.password_env, &p.password_file, "promoter.password"),
+                    at(
+                        &p.replication_password_env,
+                        &p.replication_password_file,
+                        "promoter.replication_password",
+                    ),
+                ];
                 Some(PromoterConfig {
+                    secrets_at,
                     user: p.user.clone(),
                     password,
                     replication_user: p.replication_user.clone(),
@@ -479,7 +502,23 @@ impl Validator<'_> {
                     failover_after: p.failover_after,
                     synchronous: p.synchronous,
                     interval: p.interval,
-                    pglb_url: p.pglb_url.clone().map(|u| u.into_vec()).unwrap_or_default(),
+                    pglb_url: match &p.pglb_url {
+                        None => Vec::new(),
+                        Some(u) => {
+                            let urls = u.get_ref().clone().into_vec();
+                            // Checked here, where the line is known; the promoter uses them as given.
+                            if let Some(bad) = urls.iter().find(|url| {
+                                crate::promoter::settings::parse_http_url(url).is_none()
+                            }) {
+                                return Err(self.invalid(
+                                    u,
+                                    "promoter.pglb_url",
+                                    format!("{bad:?}: only http://host:port[/] is supported"),
+                                ));
+                            }
+                            urls
+                        }
+                    },
                     listen: p.listen.clone(),
                 })
             }
@@ -914,6 +953,25 @@ address = "127.0.0.1:5432"
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("lb.toml"), s)
+    }
+
+    #[test]
+    fn promoter_errors_name_their_line_and_key() {
+        let text = format!(
+            "{MIN}\n[promoter]\npassword_env = \"PGLB_TEST_UNSET_PROMOTER_PW\"\npglb_url = [\"http://a:8404\", \"ftp://b\"]\n"
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:16: key `promoter.pglb_url`"), "{e}");
+        assert!(e.contains("ftp://b"), "{e}");
+        let c = parse(&format!(
+            "{MIN}\n[promoter]\npassword_env = \"PGLB_TEST_UNSET_PROMOTER_PW\"\n"
+        ))
+        .unwrap();
+        let p = c.promoter.expect("[promoter]");
+        assert_eq!(
+            p.secrets_at[0].as_deref(),
+            Some("lb.toml:15: key `promoter.password_env`")
+        );
     }
 
     #[test]

@@ -99,12 +99,9 @@ impl Login {
 pub enum SettingsError {
     #[error("{path}: no [promoter] section: pglb-promoter needs one (see docs/failover.md)")]
     NoPromoterSection { path: String },
-    #[error("{path}: promoter.{key}: {message}")]
-    Secret {
-        path: String,
-        key: &'static str,
-        message: String,
-    },
+    /// `at` is "file:line: key `promoter.password_env`" (where the secret is named).
+    #[error("{at}: {message}")]
+    Secret { at: String, message: String },
     #[error("{path}: promoter.pglb_url {url:?}: only http://host:port[/] is supported")]
     PglbUrl { path: String, url: String },
     /// pglb protects `/stats.json` and the credential the promoter would send cannot be read.
@@ -147,19 +144,20 @@ impl Settings {
             .promoter
             .as_ref()
             .ok_or_else(|| SettingsError::NoPromoterSection { path: path.clone() })?;
-        let secret = |src: &Option<crate::config::SecretSource>, key: &'static str| {
+        let secret = |src: &Option<crate::config::SecretSource>, i: usize, key: &str| {
             src.as_ref()
                 .map(|s| {
                     s.resolve().map_err(|message| SettingsError::Secret {
-                        path: path.clone(),
-                        key,
+                        at: p.secrets_at[i]
+                            .clone()
+                            .unwrap_or_else(|| format!("{path}: promoter.{key}")),
                         message,
                     })
                 })
                 .transpose()
         };
-        let password = secret(&p.password, "password")?;
-        let replication_password = secret(&p.replication_password, "replication_password")?;
+        let password = secret(&p.password, 0, "password")?;
+        let replication_password = secret(&p.replication_password, 1, "replication_password")?;
         let pglb_stats = if p.pglb_url.is_empty() {
             // pglb listens on listen.stats; an unspecified address means this host.
             let mut a = c.listen.stats;
@@ -386,10 +384,20 @@ no_failover = true
             with("[\"http://a:8404\", \"http://b:9404/\"]").unwrap(),
             ["a:8404", "b:9404"]
         );
-        let e = with("[\"http://a:8404\", \"https://b\"]")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("promoter.pglb_url \"https://b\""), "{e}");
+        // Refused where it is written: file, line and key.
+        let e = Config::parse(
+            Path::new("lb.toml"),
+            &CFG.replace(
+                "[promoter]",
+                "[promoter]\npglb_url = [\"http://a:8404\", \"https://b\"]",
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("key `promoter.pglb_url`: \"https://b\"") && e.starts_with("lb.toml:"),
+            "{e}"
+        );
         assert!(Config::parse(
             Path::new("lb.toml"),
             &CFG.replace("[promoter]", "[promoter]\npglb_url = 3")
