@@ -331,11 +331,6 @@ impl View {
         !primary || (self.routing.readers.is_empty() && !self.fallback_to_primary)
     }
 
-    /// Every backend a CancelRequest may need to reach (configured plus draining).
-    pub fn all(&self) -> impl Iterator<Item = &BackendView> {
-        self.backends.iter()
-    }
-
     /// Sessions open over every backend, configured or draining.
     pub fn active_sessions(&self) -> u64 {
         self.routing

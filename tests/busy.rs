@@ -129,13 +129,7 @@ async fn a_primary_frozen_past_its_check_timeouts_loses_no_session() {
         .set("check", "fall", 2)
         .start();
     lb.wait_ready().await;
-    let init = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &lb.write.port().to_string()])
-        .args(["-U", APP_USER, "-i", "-s", "1", "-q", DATABASE])
-        .env("PGPASSWORD", APP_PASSWORD)
-        .output()
-        .expect("pgbench -i");
-    assert!(init.status.success(), "pgbench -i: {init:?}");
+    pgbench_init(lb.write);
     let held = connect_ok(lb.write).await;
 
     let bench = Command::new("pgbench")

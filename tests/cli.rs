@@ -42,17 +42,12 @@ weight = 2
 }
 
 fn run_check(path: &std::path::Path) -> (std::process::ExitStatus, String, String) {
-    let out = Command::new(pglb_bin())
-        .args(["check", "--config"])
-        .arg(path)
-        .env("PGLB_CHECK_PASSWORD", SECRET)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run pglb check");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
+    output_of(
+        Command::new(pglb_bin())
+            .args(["check", "--config"])
+            .arg(path)
+            .env("PGLB_CHECK_PASSWORD", SECRET)
+            .env_remove("RUST_LOG"),
     )
 }
 
@@ -213,15 +208,15 @@ fn check_without_the_secret_warns_and_strict_refuses() {
     let path = dir.path().join("good.toml");
     std::fs::write(&path, config_text("")).unwrap();
     let run = |args: &[&str]| {
-        let out = Command::new(pglb_bin())
-            .args(args)
-            .arg("--config")
-            .arg(&path)
-            .env_remove("PGLB_CHECK_PASSWORD")
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run pglb");
-        (out.status, String::from_utf8_lossy(&out.stderr).to_string())
+        let (status, _, stderr) = output_of(
+            Command::new(pglb_bin())
+                .args(args)
+                .arg("--config")
+                .arg(&path)
+                .env_remove("PGLB_CHECK_PASSWORD")
+                .env_remove("RUST_LOG"),
+        );
+        (status, stderr)
     };
     let (status, stderr) = run(&["check"]);
     assert!(

@@ -178,15 +178,6 @@ fn pglb_command(dir: &Path, args: &[&str]) -> Command {
     cmd
 }
 
-fn output_of(cmd: &mut Command) -> (std::process::ExitStatus, String, String) {
-    let out = cmd.output().expect("run pglb");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. Check logins: md5 and trust
 // ---------------------------------------------------------------------------------------------

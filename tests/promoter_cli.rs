@@ -14,18 +14,13 @@ use common::*;
 const T: Duration = Duration::from_secs(30);
 
 fn promoter(args: &[&str]) -> (std::process::ExitStatus, String, String) {
-    let out = Command::new(promoter_bin())
-        .args(args)
-        .env_remove("PGLB_CHECK_PASSWORD")
-        .env_remove("PGLB_CONFIG")
-        .env_remove("RUST_LOG")
-        .env_remove("PGLB_LOG")
-        .output()
-        .expect("run pglb-promoter");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
+    output_of(
+        Command::new(promoter_bin())
+            .args(args)
+            .env_remove("PGLB_CHECK_PASSWORD")
+            .env_remove("PGLB_CONFIG")
+            .env_remove("RUST_LOG")
+            .env_remove("PGLB_LOG"),
     )
 }
 

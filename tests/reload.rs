@@ -87,13 +87,7 @@ async fn hundred_reloads_under_pgbench_lose_no_transaction() {
     })
     .await;
 
-    let init = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &lb.write.port().to_string()])
-        .args(["-U", APP_USER, "-i", "-s", "1", "-q", DATABASE])
-        .env("PGPASSWORD", APP_PASSWORD)
-        .output()
-        .expect("pgbench -i");
-    assert!(init.status.success(), "pgbench -i: {init:?}");
+    pgbench_init(lb.write);
     cluster.wait_replayed(1, Duration::from_secs(30));
     cluster.wait_replayed(2, Duration::from_secs(30));
 

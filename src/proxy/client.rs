@@ -540,7 +540,8 @@ async fn idle_timer(activity: &Activity, timeout: Duration) -> Duration {
 /// backend a cancel key belongs to, and a key is meaningless (ignored) on any other server.
 async fn forward_cancel(view: &View, pid: u32, key: u32, timeout: Duration) {
     let packet = pg::cancel_request(pid, key);
-    let sends = view.all().map(|b| {
+    // Every backend it may belong to: configured and draining.
+    let sends = view.backends.iter().map(|b| {
         let address = b.address.clone();
         let name = b.name.clone();
         async move {

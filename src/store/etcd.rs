@@ -154,6 +154,18 @@ impl EtcdStore {
         LeaseClock::new(self.inner.ttl).request_timeout()
     }
 
+    /// Every key under `prefix`, in one bounded request.
+    async fn get_prefix(&self, prefix: &str) -> Result<etcd_client::GetResponse, StoreError> {
+        let mut client = self.client();
+        call(
+            "get",
+            prefix,
+            self.timeout(),
+            client.get(prefix, Some(GetOptions::new().with_prefix())),
+        )
+        .await
+    }
+
     fn key(&self, rest: &str) -> String {
         format!("{}/{rest}", self.inner.prefix)
     }
@@ -413,13 +425,7 @@ impl Store for EtcdStore {
     async fn members(&self) -> Result<Vec<Member>, StoreError> {
         let prefix = self.key("members/");
         let mut client = self.client();
-        let resp = call(
-            "get",
-            &prefix,
-            self.timeout(),
-            client.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let resp = self.get_prefix(&prefix).await?;
         let mut out = Vec::with_capacity(resp.kvs().len());
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
@@ -520,15 +526,7 @@ impl Store for EtcdStore {
     }
 
     async fn steps(&self) -> Result<Vec<FailoverStep>, StoreError> {
-        let prefix = self.key("steps/");
-        let mut client = self.client();
-        let resp = call(
-            "get",
-            &prefix,
-            self.timeout(),
-            client.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let resp = self.get_prefix(&self.key("steps/")).await?;
         let mut steps = resp
             .kvs()
             .iter()

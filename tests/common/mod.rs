@@ -1656,6 +1656,30 @@ pub async fn scalar(client: &Client, sql: &str) -> Result<Option<String>, tokio_
     }))
 }
 
+/// Runs a command to its end: exit status, stdout and stderr as text.
+pub fn output_of(cmd: &mut Command) -> (ExitStatus, String, String) {
+    let out = cmd.output().expect("run the command");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `pgbench -i -s 1` through `addr` as the app user; panics when it fails.
+pub fn pgbench_init(addr: SocketAddr) {
+    let (status, stdout, stderr) = output_of(
+        Command::new("pgbench")
+            .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+            .args(["-U", APP_USER, "-i", "-s", "1", "-q", DATABASE])
+            .env("PGPASSWORD", APP_PASSWORD),
+    );
+    assert!(
+        status.success(),
+        "pgbench -i ({status}):\n{stdout}\n{stderr}"
+    );
+}
+
 /// [`scalar`], panicking on error or no row.
 pub async fn scalar_ok(client: &Client, sql: &str) -> String {
     scalar(client, sql)
