@@ -4,53 +4,23 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use anyhow::Context;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::backend::SlotWaiters;
-use crate::config::Config;
+use crate::config::{Config, Secrets};
 use crate::control::Control;
 use crate::http::StatsContext;
 use crate::proxy::client::{SessionContext, SessionShared};
 use crate::proxy::listener::{self, PortLoad};
 use crate::proxy::workers::{PortGroup, Workers};
 use crate::proxy::PortRole;
-use crate::reload::{self, Outcome};
-use crate::view::ReloadStatus;
-
-/// Installs the Prometheus recorder once per process; later calls get the same handle.
-fn prometheus() -> Option<PrometheusHandle> {
-    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let builder = PrometheusBuilder::new().set_buckets_for_metric(
-                Matcher::Full(crate::metrics::CHECK_DURATION_SECONDS.to_string()),
-                &[
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                ],
-            );
-            match builder.and_then(|b| b.install_recorder()) {
-                Ok(h) => {
-                    crate::metrics::describe();
-                    Some(h)
-                }
-                Err(e) => {
-                    warn!(error = %e, "metrics recorder not installed");
-                    None
-                }
-            }
-        })
-        .clone()
-}
+use crate::reload::{self, ReloadStatus};
 
 /// One port's listeners (one per worker thread) and the token that stops them alone (for
 /// rebinding on reload).
@@ -134,7 +104,7 @@ impl Balancer {
         let hard_stop = CancellationToken::new();
         // The session listeners stop here: at SIGTERM, or `shutdown_delay` after it.
         let accepting = CancellationToken::new();
-        let prometheus = prometheus();
+        let prometheus = crate::metrics::prometheus();
         let path = config.path.clone();
 
         let workers =
@@ -189,36 +159,31 @@ impl Balancer {
             crate::http::serve(stats, stats_ctx, stats_stop.clone()),
         );
 
-        let (reload_tx, reload_rx) = mpsc::channel(16);
+        let (requests, reload_tx) = reload::Requests::watch(&path);
         supervisor.spawn("signals", {
             let shutdown = shutdown.clone();
-            let tx = reload_tx.clone();
             async move {
-                if let Err(e) = crate::signals::run(shutdown.clone(), tx).await {
+                if let Err(e) = crate::signals::run(shutdown.clone(), reload_tx).await {
                     error!(error = %e, "signal handling failed; shutting down");
                 }
             }
         });
-        let watcher = match reload::watch(&path, reload_tx) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                warn!(error = %e, path = %path.display(), "cannot watch the config file; SIGHUP still reloads");
-                None
-            }
-        };
         supervisor.spawn(
             "reload",
-            reload_loop(
+            reload::run(
                 path,
-                control.clone(),
-                reload_rx,
-                ports,
-                ctx.clone(),
-                sessions.clone(),
+                Secrets::Required,
+                control.view().config().as_ref().clone(),
+                requests,
                 shutdown.clone(),
-                accepting.clone(),
-                watcher,
-                workers.clone(),
+                BalancerReload {
+                    control: control.clone(),
+                    ports,
+                    ctx: ctx.clone(),
+                    sessions: sessions.clone(),
+                    accepting: accepting.clone(),
+                    workers: workers.clone(),
+                },
             ),
         );
 
@@ -329,112 +294,81 @@ async fn drain(
     info!("pglb stopped");
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn reload_loop(
-    path: PathBuf,
+/// What a reload changes in pglb: listeners whose address changed are rebound (a failed bind keeps
+/// the old address, and says so), then the control task takes the config.
+struct BalancerReload {
     control: Control,
-    mut rx: mpsc::Receiver<()>,
-    mut ports: Vec<PortListener>,
+    ports: Vec<PortListener>,
     ctx: SessionContext,
     sessions: TaskTracker,
-    shutdown: CancellationToken,
     accepting: CancellationToken,
-    _watcher: Option<notify::RecommendedWatcher>,
     workers: Arc<Workers>,
-) {
-    let mut status = ReloadStatus {
-        result: "initial".into(),
-        ..Default::default()
-    };
-    loop {
-        let more = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            more = reload::next_request(&mut rx) => more,
+}
+
+impl reload::Target for BalancerReload {
+    async fn apply(&mut self, mut new: Config) -> reload::Applied {
+        let current = self.control.view().config().clone();
+        let mut bind_error = None;
+        for (p, role) in self.ports.iter_mut().zip([PortRole::Write, PortRole::Read]) {
+            let want = match role {
+                PortRole::Write => new.listen.write,
+                PortRole::Read => new.listen.read,
+            };
+            if want == p.addr {
+                continue;
+            }
+            match self.workers.bind(want) {
+                Ok(group) => {
+                    let stop = self.accepting.child_token();
+                    serve_port(group, role, &self.ctx, &stop, &self.sessions, &p.load);
+                    p.stop.cancel();
+                    info!(port = role.as_str(), from = %p.addr, to = %want, "listener rebound");
+                    p.addr = want;
+                    p.stop = stop;
+                }
+                Err(e) => {
+                    error!(port = role.as_str(), addr = %want, error = %e, "cannot bind new listen address; keeping the old one");
+                    bind_error = Some(format!("bind {} port {want}: {e}", role.as_str()));
+                    match role {
+                        PortRole::Write => new.listen.write = p.addr,
+                        PortRole::Read => new.listen.read = p.addr,
+                    }
+                }
+            }
+        }
+        if new.listen.stats != current.listen.stats {
+            warn!("listen.stats changes need a restart; keeping the old stats address");
+            new.listen.stats = current.listen.stats;
+        }
+        if new.proxy.threads != current.proxy.threads {
+            warn!(
+                running = current.proxy.threads,
+                asked = new.proxy.threads,
+                "proxy.threads changes need a restart; keeping the running threads"
+            );
+            new.proxy.threads = current.proxy.threads;
+        }
+        let Ok(diff) = self.control.apply(new).await else {
+            // The control task has stopped: the process is shutting down.
+            return reload::Applied::Stopped;
         };
-        if !more {
-            return;
+        let view = self.control.view();
+        info!(
+            added = ?diff.added,
+            removed = ?diff.removed,
+            changed = ?diff.changed,
+            generation = view.generation,
+            "config reloaded"
+        );
+        reload::Applied::Running {
+            config: Box::new(view.config().as_ref().clone()),
+            note: bind_error,
         }
-        let current = control.view().config().clone();
-        let outcome = reload::attempt(&path, &current);
-        status.at_unix = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_secs_f64());
-        match outcome {
-            Outcome::Unchanged => {
-                status.result = "unchanged".into();
-                status.error = None;
-                crate::metrics::config_reload("unchanged");
-                info!(path = %path.display(), "config unchanged");
-            }
-            Outcome::Rejected(e) => {
-                status.result = "rejected".into();
-                status.error = Some(e.to_string());
-                status.rejected += 1;
-                crate::metrics::config_reload("rejected");
-                warn!(error = %e, kind = e.kind(), "config reload refused; keeping the running config");
-            }
-            Outcome::Changed(new) => {
-                let mut new = *new;
-                // Rebind listeners whose address changed; a failed bind keeps the old address.
-                let mut bind_error = None;
-                for (p, role) in ports.iter_mut().zip([PortRole::Write, PortRole::Read]) {
-                    let want = match role {
-                        PortRole::Write => new.listen.write,
-                        PortRole::Read => new.listen.read,
-                    };
-                    if want == p.addr {
-                        continue;
-                    }
-                    match workers.bind(want) {
-                        Ok(group) => {
-                            let stop = accepting.child_token();
-                            serve_port(group, role, &ctx, &stop, &sessions, &p.load);
-                            p.stop.cancel();
-                            info!(port = role.as_str(), from = %p.addr, to = %want, "listener rebound");
-                            p.addr = want;
-                            p.stop = stop;
-                        }
-                        Err(e) => {
-                            error!(port = role.as_str(), addr = %want, error = %e, "cannot bind new listen address; keeping the old one");
-                            bind_error = Some(format!("bind {} port {want}: {e}", role.as_str()));
-                            match role {
-                                PortRole::Write => new.listen.write = p.addr,
-                                PortRole::Read => new.listen.read = p.addr,
-                            }
-                        }
-                    }
-                }
-                if new.listen.stats != current.listen.stats {
-                    warn!("listen.stats changes need a restart; keeping the old stats address");
-                    new.listen.stats = current.listen.stats;
-                }
-                if new.proxy.threads != current.proxy.threads {
-                    warn!(
-                        running = current.proxy.threads,
-                        asked = new.proxy.threads,
-                        "proxy.threads changes need a restart; keeping the running threads"
-                    );
-                    new.proxy.threads = current.proxy.threads;
-                }
-                let Ok(diff) = control.apply(new).await else {
-                    // The control task has stopped: the process is shutting down.
-                    return;
-                };
-                info!(
-                    added = ?diff.added,
-                    removed = ?diff.removed,
-                    changed = ?diff.changed,
-                    generation = control.view().generation,
-                    "config reloaded"
-                );
-                status.result = "applied".into();
-                status.error = bind_error;
-                status.applied += 1;
-                crate::metrics::config_reload("applied");
-            }
-        }
-        control.reloaded(status.clone());
+    }
+
+    fn report(&mut self, status: &ReloadStatus) {
+        crate::metrics::config_reload(status.result.as_str());
+        self.control.reloaded(status.clone());
     }
 }
 

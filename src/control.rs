@@ -99,10 +99,7 @@ impl Control {
             nodes: Vec::new(),
             memory: Memory::default(),
             generation: 0,
-            reload: ReloadStatus {
-                result: "initial".into(),
-                ..Default::default()
-            },
+            reload: ReloadStatus::default(),
             started: Instant::now(),
             waiting: Arc::default(),
             publish,

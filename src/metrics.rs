@@ -5,6 +5,7 @@
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::proxy::PortRole;
 
@@ -203,4 +204,31 @@ pub fn check_login_refused(backend: &str, kind: &'static str) {
 
 pub fn sessions_waiting(port: PortRole, delta: f64) {
     gauge!(SESSIONS_WAITING, "port" => port.as_str()).increment(delta);
+}
+
+/// Installs the Prometheus recorder once per process and describes every metric of both binaries
+/// (a description shows only beside a metric that has a value); later calls get the same handle.
+pub fn prometheus() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new().set_buckets_for_metric(
+                Matcher::Full(CHECK_DURATION_SECONDS.to_string()),
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            );
+            match builder.and_then(|b| b.install_recorder()) {
+                Ok(h) => {
+                    describe();
+                    crate::promoter::metrics::describe();
+                    Some(h)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .clone()
 }

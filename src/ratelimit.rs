@@ -1,5 +1,8 @@
-//! `LogEvery`: at most one log line per period for a kind of trouble that comes in bursts
-//! (accept errors, a full listener, checks that cannot run). Shared across threads.
+//! Rate limits for log lines, used by both binaries.
+//! - `LogEvery`: at most one log line per period for a kind of trouble that comes in bursts
+//!   (accept errors, a full listener, checks that cannot run). Shared across threads.
+//! - `LastSaid`: one owner's running commentary (the promoter's decisions): something new is said
+//!   at once, the same thing again only after a period.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,9 +38,50 @@ impl LogEvery {
     }
 }
 
+/// Remembers the last thing said (a key) and when: a different key is due at once, the same key
+/// again after `every`. On the caller's clock (tokio's, so paused-time tests drive it).
+#[derive(Debug, Default)]
+pub struct LastSaid {
+    key: String,
+    at: Option<tokio::time::Instant>,
+}
+
+impl LastSaid {
+    /// True if `key` should be said now (and then counts as said at `now`).
+    pub fn should(&mut self, key: &str, now: tokio::time::Instant, every: Duration) -> bool {
+        if self.key != key || self.at.is_none_or(|t| now.duration_since(t) >= every) {
+            self.key.clear();
+            self.key.push_str(key);
+            self.at = Some(now);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Forgets the last key: whatever comes next is said at once.
+    pub fn forget(&mut self) {
+        self.key.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_key_at_once_the_same_key_after_its_period() {
+        let mut s = LastSaid::default();
+        let t0 = tokio::time::Instant::now();
+        let every = Duration::from_secs(5);
+        assert!(s.should("a", t0, every));
+        assert!(!s.should("a", t0 + Duration::from_secs(4), every));
+        assert!(s.should("b", t0 + Duration::from_secs(4), every));
+        assert!(s.should("a", t0 + Duration::from_secs(4), every));
+        assert!(s.should("a", t0 + Duration::from_secs(9), every));
+        s.forget();
+        assert!(s.should("a", t0 + Duration::from_secs(10), every));
+    }
 
     #[test]
     fn once_per_period() {

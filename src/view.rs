@@ -108,18 +108,7 @@ impl PartialEq<&str> for Role {
     }
 }
 
-/// Result of the last config (re)load, shown on the page and in `/stats.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
-pub struct ReloadStatus {
-    /// "applied", "rejected" or "unchanged"; "initial" before any reload.
-    pub result: String,
-    /// Unix time of the last reload attempt.
-    pub at_unix: Option<f64>,
-    /// Why the last reload was refused (file, line, key and reason); null when it was not.
-    pub error: Option<String>,
-    pub applied: u64,
-    pub rejected: u64,
-}
+pub use crate::reload::{ReloadResult, ReloadStatus};
 
 /// Session counters of one backend on one port (live values, filled in by `View::live`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq)]

@@ -638,7 +638,7 @@ async fn the_promoter_follows_config_reloads_and_refuses_bad_ones() {
     .unwrap();
     promoter
         .wait_status(T, "failover_after 7s applied", |s| {
-            s["failover_after_seconds"] == 7.0 && s["reload"] == "applied"
+            s["failover_after_seconds"] == 7.0 && s["reload"]["result"] == "applied"
         })
         .await;
     std::fs::write(
@@ -648,11 +648,15 @@ async fn the_promoter_follows_config_reloads_and_refuses_bad_ones() {
     .unwrap();
     let s = promoter
         .wait_status(T, "the bad edit refused", |s| {
-            s["reload"]
-                .as_str()
-                .is_some_and(|r| r.starts_with("rejected"))
+            s["reload"]["result"] == "rejected"
         })
         .await;
+    let error = s["reload"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("failover_after"),
+        "the refusal names the key: {s}"
+    );
+    assert_eq!(s["reload"]["rejected"], 1, "{s}");
     assert_eq!(s["failover_after_seconds"], 7.0, "{s}");
     assert_eq!(s["decision"], "steady");
 }

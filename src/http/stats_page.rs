@@ -3,7 +3,7 @@
 
 use askama::Template;
 
-use crate::view::{BackendView, View};
+use crate::view::{BackendView, ReloadResult, View};
 
 struct Row {
     name: String,
@@ -152,8 +152,8 @@ pub fn render(s: &View, waiting: u64, promoter: Option<PromoterPanel>) -> String
         uptime: duration(s.uptime_seconds),
         config_file: s.config_file.clone(),
         generation: s.generation,
-        reload_ok: s.reload.result != "rejected",
-        reload_result: s.reload.result.clone(),
+        reload_ok: s.reload.result != ReloadResult::Rejected,
+        reload_result: s.reload.result.as_str().to_string(),
         reload_counts: format!(
             "{} applied, {} refused",
             s.reload.applied, s.reload.rejected

@@ -10,11 +10,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::observe::{PglbView, Witnesses};
 
@@ -87,8 +87,8 @@ pub struct Status {
     /// Every configured pglb (`at`: its stats address) and what it said at the last look.
     pub witnesses: Witnesses,
     pub nodes: Vec<NodeSummary>,
-    /// Last config reload: applied, rejected or unchanged, with the error when rejected.
-    pub reload: Option<String>,
+    /// Last config reload, the same shape as pglb's (`result`, `error`, counts).
+    pub reload: crate::reload::ReloadStatus,
 }
 
 pub fn unix_now() -> f64 {
@@ -121,7 +121,7 @@ impl Status {
             pglb: PglbView::NotConfigured,
             witnesses: Witnesses::default(),
             nodes: vec![],
-            reload: None,
+            reload: Default::default(),
         }
     }
 }
@@ -142,23 +142,6 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-}
-
-/// Installs the Prometheus recorder once per process.
-pub fn prometheus() -> Option<PrometheusHandle> {
-    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
-    HANDLE
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(h) => {
-                super::metrics::describe();
-                Some(h)
-            }
-            Err(e) => {
-                warn!(error = %e, "metrics recorder not installed");
-                None
-            }
-        })
-        .clone()
 }
 
 type Resp = Response<Full<Bytes>>;

@@ -12,10 +12,15 @@ pub const LAST_FAILOVER_SECONDS: &str = "pglb_promoter_last_failover_seconds";
 pub const PRIMARY_DOWN_SECONDS: &str = "pglb_promoter_primary_down_seconds";
 pub const PRIMARY_KNOWN: &str = "pglb_promoter_primary_known";
 pub const BACKEND_REACHABLE: &str = "pglb_promoter_backend_reachable";
+pub const CONFIG_RELOADS_TOTAL: &str = "pglb_promoter_config_reloads_total";
 
 /// Registers descriptions; call once after installing the recorder.
 pub fn describe() {
     describe_counter!(LOOKS_TOTAL, "looks at the cluster (observe + decide)");
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        "config reload attempts by result (applied, rejected, unchanged)"
+    );
     describe_counter!(
         DECISIONS_TOTAL,
         "decisions by kind (steady, reconcile, failover, wait) and wait reason"
@@ -73,4 +78,8 @@ pub fn primary(known: bool, down_seconds: f64) {
 
 pub fn reachable(backend: &str, up: bool) {
     gauge!(BACKEND_REACHABLE, "backend" => backend.to_string()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn config_reload(result: &'static str) {
+    counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
 }

@@ -27,7 +27,6 @@ pub mod switchover;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +38,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, Secrets};
+use crate::ratelimit::LastSaid;
 use crate::reload;
 use decide::{Action, Command, Decision, Event, Policy, State};
 use http::{FailoverRecord, NodeSummary, Shared, Status};
@@ -62,7 +62,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let settings = Arc::new(Settings::from_config(&config)?);
     let shared = Arc::new(Shared {
         status: Mutex::new(Status::new(config.path.display().to_string(), opts.dry_run)),
-        prometheus: http::prometheus(),
+        prometheus: crate::metrics::prometheus(),
     });
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
@@ -75,33 +75,28 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         shutdown.child_token(),
     ));
 
-    let (reload_tx, reload_rx) = mpsc::channel(16);
+    let (requests, reload_tx) = reload::Requests::watch(&config.path);
     background.spawn({
         let shutdown = shutdown.clone();
-        let tx = reload_tx.clone();
         async move {
-            if let Err(e) = crate::signals::run(shutdown.clone(), tx).await {
+            if let Err(e) = crate::signals::run(shutdown.clone(), reload_tx).await {
                 error!(error = %e, "signal handling failed; shutting down");
                 shutdown.cancel();
             }
         }
     });
-    let watcher = match reload::watch(&config.path, reload_tx) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            warn!(error = %e, path = %config.path.display(), "cannot watch the config file; SIGHUP still reloads");
-            None
-        }
-    };
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
-    background.spawn(reload_loop(
+    // The promoter's own reading of the file: pglb's check password is not its business.
+    background.spawn(reload::run(
         config.path.clone(),
+        Secrets::Optional,
         config,
-        settings_tx,
-        reload_rx,
-        shared.clone(),
+        requests,
         shutdown.clone(),
-        watcher,
+        PromoterReload {
+            settings: settings_tx,
+            shared: shared.clone(),
+        },
     ));
     info!(
         backends = settings.members.len(),
@@ -140,68 +135,34 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn reload_loop(
-    path: PathBuf,
-    mut current: Config,
-    tx: watch::Sender<Arc<Settings>>,
-    mut rx: mpsc::Receiver<()>,
+/// What a reload changes in the promoter: new `Settings` for the loop (`promoter.listen` needs a
+/// restart).
+struct PromoterReload {
+    settings: watch::Sender<Arc<Settings>>,
     shared: Arc<Shared>,
-    shutdown: CancellationToken,
-    _watcher: Option<notify::RecommendedWatcher>,
-) {
-    loop {
-        let more = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            more = reload::next_request(&mut rx) => more,
-        };
-        if !more {
-            return;
+}
+
+impl reload::Target for PromoterReload {
+    async fn apply(&mut self, new: Config) -> reload::Applied {
+        match Settings::from_config(&new) {
+            Ok(s) => {
+                if s.listen != self.settings.borrow().listen {
+                    warn!("promoter.listen changes need a restart; keeping the old address");
+                }
+                info!(backends = s.members.len(), failover_after = ?s.failover_after, synchronous = s.synchronous, "config reloaded");
+                let _ = self.settings.send(Arc::new(s));
+                reload::Applied::Running {
+                    config: Box::new(new),
+                    note: None,
+                }
+            }
+            Err(e) => reload::Applied::Refused(e.to_string()),
         }
-        // The promoter's own reading of the file: pglb's check password is not its business.
-        let result = match Config::load_with(&path, Secrets::Optional) {
-            Ok(c) if c == current => {
-                info!(path = %path.display(), "config unchanged");
-                "unchanged".to_string()
-            }
-            Err(e) => {
-                warn!(error = %e, "config reload refused; keeping the running config");
-                format!("rejected: {e}")
-            }
-            Ok(c) => match Settings::from_config(&c) {
-                Ok(s) => {
-                    if s.listen != tx.borrow().listen {
-                        warn!("promoter.listen changes need a restart; keeping the old address");
-                    }
-                    info!(backends = s.members.len(), failover_after = ?s.failover_after, synchronous = s.synchronous, "config reloaded");
-                    let _ = tx.send(Arc::new(s));
-                    current = c;
-                    "applied".to_string()
-                }
-                Err(e) => {
-                    warn!(error = %e, "config reload refused; keeping the running config");
-                    format!("rejected: {e}")
-                }
-            },
-        };
-        shared.update(|st| st.reload = Some(result));
     }
-}
 
-/// Rate limit for repeated log lines: a new key is said at once, the same key again after `every`.
-struct Said {
-    key: String,
-    at: Option<Instant>,
-}
-
-impl Said {
-    fn should(&mut self, key: &str, now: Instant, every: Duration) -> bool {
-        if self.key != key || self.at.is_none_or(|t| now.duration_since(t) >= every) {
-            self.key = key.to_string();
-            self.at = Some(now);
-            true
-        } else {
-            false
-        }
+    fn report(&mut self, status: &reload::ReloadStatus) {
+        metrics::config_reload(status.result.as_str());
+        self.shared.update(|st| st.reload = status.clone());
     }
 }
 
@@ -357,7 +318,7 @@ fn publish(shared: &Shared, obs: &Observation, state: &State, settings: &Setting
 }
 
 /// Logs and counts the assessment of one look.
-fn say_decision(decision: &Decision, said: &mut Said, now: Instant) {
+fn say_decision(decision: &Decision, said: &mut LastSaid, now: Instant) {
     match decision {
         Decision::Steady {
             primary,
@@ -371,7 +332,7 @@ fn say_decision(decision: &Decision, said: &mut Said, now: Instant) {
         }
         Decision::Reconcile { .. } => {
             metrics::decision("reconcile", "none");
-            said.key.clear();
+            said.forget();
         }
         Decision::Wait { reason } => {
             metrics::decision("wait", reason.kind());
@@ -495,10 +456,7 @@ async fn run_loop<P, F, O, Fut>(
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let limits = failover::Limits::default();
-    let mut said = Said {
-        key: String::new(),
-        at: None,
-    };
+    let mut said = LastSaid::default();
     let mut warned = HashMap::new();
     let fences = TaskTracker::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
@@ -576,7 +534,7 @@ async fn run_loop<P, F, O, Fut>(
                     }
                 }
                 Command::Failover(plan) => {
-                    said.key.clear();
+                    said.forget();
                     let event = execute_failover(&actor, &plan, &limits, &shared).await;
                     state.record(event, Instant::now());
                     // Look again at once: the new primary, the re-pointed replicas.
