@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, Secrets};
-use crate::ratelimit::LastSaid;
+use crate::ratelimit::LogEvery;
 use crate::reload;
 use decide::{Action, Command, Decision, Event, Policy, State};
 use http::{FailoverRecord, NodeSummary, Shared, Status};
@@ -318,25 +318,44 @@ fn publish(shared: &Shared, obs: &Observation, state: &State, settings: &Setting
 }
 
 /// Logs and counts the assessment of one look.
-fn say_decision(decision: &Decision, said: &mut LastSaid, now: Instant) {
+/// What the loop has said lately: a steady cluster is said again after 5 min, a wait after 5 s; a
+/// change is said at once.
+struct Said {
+    steady: LogEvery,
+    wait: LogEvery,
+}
+
+impl Said {
+    fn new() -> Said {
+        Said {
+            steady: LogEvery::new(Duration::from_secs(300)),
+            wait: LogEvery::new(Duration::from_secs(5)),
+        }
+    }
+}
+
+fn say_decision(decision: &Decision, said: &Said, now: Instant) {
     match decision {
         Decision::Steady {
             primary,
             not_streaming,
         } => {
             let key = format!("steady {primary} {not_streaming:?}");
-            if said.should(&key, now, Duration::from_secs(300)) {
+            said.wait.forget();
+            if said.steady.due_for(&key, now) {
                 info!(decision = "steady", primary = %primary, not_streaming = ?not_streaming, "primary answers; replicas checked");
             }
             metrics::decision("steady", "none");
         }
         Decision::Reconcile { .. } => {
             metrics::decision("reconcile", "none");
-            said.forget();
+            said.steady.forget();
+            said.wait.forget();
         }
         Decision::Wait { reason } => {
             metrics::decision("wait", reason.kind());
-            if said.should(reason.kind(), now, Duration::from_secs(5)) {
+            said.steady.forget();
+            if said.wait.due_for(reason.kind(), now) {
                 if reason.blocks_failover() {
                     warn!(decision = "wait", reason = reason.kind(), evidence = %reason, "failover on hold");
                 } else {
@@ -456,7 +475,7 @@ async fn run_loop<P, F, O, Fut>(
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let limits = failover::Limits::default();
-    let mut said = LastSaid::default();
+    let said = Said::new();
     let mut warned = HashMap::new();
     let fences = TaskTracker::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
@@ -490,7 +509,7 @@ async fn run_loop<P, F, O, Fut>(
         let commands = decide::decide(&obs, &mut state, now);
         publish(&shared, &obs, &state, &settings);
         if let Some(d) = &state.decision {
-            say_decision(d, &mut said, now);
+            say_decision(d, &said, now);
         }
         for command in commands {
             match command {
@@ -525,7 +544,7 @@ async fn run_loop<P, F, O, Fut>(
                     warn!(step = "verify", node = %node, primary = %primary, after_s = after.as_secs_f64(), "replica still not streaming from the new primary after 30s: check its log; it may need `pglb-promoter rejoin`");
                 }
                 Command::RetryLater { left, .. } => {
-                    if said.should("failover retry", now, Duration::from_secs(5)) {
+                    if said.wait.due_for("failover retry", now) {
                         warn!(
                             decision = "failover",
                             retry_in_s = left.as_secs_f64(),
@@ -534,7 +553,8 @@ async fn run_loop<P, F, O, Fut>(
                     }
                 }
                 Command::Failover(plan) => {
-                    said.forget();
+                    said.steady.forget();
+                    said.wait.forget();
                     let event = execute_failover(&actor, &plan, &limits, &shared).await;
                     state.record(event, Instant::now());
                     // Look again at once: the new primary, the re-pointed replicas.
