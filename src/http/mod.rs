@@ -24,6 +24,7 @@ use crate::control::Control;
 use crate::metrics as m;
 use crate::proxy::PortRole;
 use crate::view::{AdminState, View};
+use server::{json, prometheus, text, Resp};
 
 /// What the HTTP handlers read.
 pub struct StatsContext {
@@ -31,17 +32,6 @@ pub struct StatsContext {
     pub prometheus: Option<PrometheusHandle>,
     /// Cancelled on SIGTERM/SIGINT: `/live` answers 503 from then on, while the listeners drain.
     pub shutting_down: CancellationToken,
-}
-
-type Resp = Response<Full<Bytes>>;
-
-fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .header("cache-control", "no-store")
-        .body(Full::new(body.into()))
-        .expect("static headers are valid")
 }
 
 /// Compares without an early exit, so the token cannot be guessed byte by byte from timings.
@@ -208,18 +198,10 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
                 stats_page::render(&view, view.sessions_waiting, promoter),
             )
         }
-        "/stats.json" => {
-            let body = serde_json::to_vec_pretty(&ctx.control.view().live()).unwrap_or_default();
-            text(StatusCode::OK, "application/json", body)
-        }
+        "/stats.json" => json(&ctx.control.view().live()),
         "/metrics" => {
             export_metrics(&ctx.control.view().live());
-            let body = ctx
-                .prometheus
-                .as_ref()
-                .map(|h| h.render())
-                .unwrap_or_default();
-            text(StatusCode::OK, "text/plain; version=0.0.4", body)
+            prometheus(ctx.prometheus.as_ref())
         }
         "/health" => {
             let view = ctx.control.view();

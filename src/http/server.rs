@@ -1,6 +1,6 @@
 //! The HTTP/1 serve loop both binaries use (pglb's stats listener, the promoter's `/status`):
 //! accept until cancelled, one task per connection with a header-read timeout, each connection
-//! ended when `stop` is cancelled.
+//! ended when `stop` is cancelled. And the responses both build: text, JSON, Prometheus.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -11,11 +11,38 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+
+/// A response with its whole body.
+pub type Resp = Response<Full<Bytes>>;
+
+/// A response of `content_type`, never cached (the state it shows changes every second).
+pub fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("cache-control", "no-store")
+        .body(Full::new(body.into()))
+        .expect("static headers are valid")
+}
+
+/// `value` as pretty JSON, 200.
+pub fn json(value: &impl Serialize) -> Resp {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    text(StatusCode::OK, "application/json", body)
+}
+
+/// The process's metrics in Prometheus' text format, 200 (empty without a recorder).
+pub fn prometheus(handle: Option<&PrometheusHandle>) -> Resp {
+    let body = handle.map(|h| h.render()).unwrap_or_default();
+    text(StatusCode::OK, "text/plain; version=0.0.4", body)
+}
 
 /// Serves `handler` on `listener` until `stop` is cancelled. Accept errors (out of descriptors)
 /// back off briefly and never end the loop.

@@ -6,10 +6,8 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -17,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::observe::{PglbView, Witnesses};
+use crate::http::server::{json, prometheus, text, Resp};
 
 /// The last failover this process ran (or tried).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,17 +143,6 @@ impl Shared {
     }
 }
 
-type Resp = Response<Full<Bytes>>;
-
-fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .header("cache-control", "no-store")
-        .body(Full::new(body.into()))
-        .expect("static headers are valid")
-}
-
 async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(
@@ -164,19 +152,8 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Infa
         ));
     }
     let resp = match req.uri().path() {
-        "/" | "/status" | "/status.json" => {
-            let body = serde_json::to_vec_pretty(&shared.snapshot()).unwrap_or_default();
-            text(StatusCode::OK, "application/json", body)
-        }
-        "/metrics" => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            shared
-                .prometheus
-                .as_ref()
-                .map(|h| h.render())
-                .unwrap_or_default(),
-        ),
+        "/" | "/status" | "/status.json" => json(&shared.snapshot()),
+        "/metrics" => prometheus(shared.prometheus.as_ref()),
         "/health" => {
             let s = shared.snapshot();
             match s.primary {
