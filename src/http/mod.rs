@@ -23,7 +23,7 @@ use crate::backend::Role;
 use crate::control::Control;
 use crate::metrics as m;
 use crate::proxy::PortRole;
-use crate::view::{AdminState, View};
+use crate::view::{AdminState, StoreRule, View};
 
 /// What the HTTP handlers read.
 pub struct StatsContext {
@@ -232,7 +232,10 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
                 None => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    "unavailable: no primary is known\n",
+                    match view.store.as_ref().and_then(|s| s.write_block.as_ref()) {
+                        Some(why) => format!("unavailable: {why}\n"),
+                        None => "unavailable: no primary is known\n".to_string(),
+                    },
                 ),
             }
         }
@@ -306,6 +309,27 @@ pub async fn serve(listener: TcpListener, ctx: Arc<StatsContext>, stop: Cancella
 /// Publishes the per-backend gauges and byte counters (kept as atomics on the hot path).
 fn export_metrics(v: &View) {
     gauge!(m::PRIMARY_KNOWN).set(if v.primary.is_some() { 1.0 } else { 0.0 });
+    if let Some(st) = &v.store {
+        gauge!(m::STORE_UP).set(if st.reachable { 1.0 } else { 0.0 });
+        if let Some(age) = st.seconds_since_answer {
+            gauge!(m::STORE_ANSWER_AGE_SECONDS).set(age);
+        }
+        for rule in [
+            StoreRule::Record,
+            StoreRule::LastRecord,
+            StoreRule::NoRecord,
+            StoreRule::Unreachable,
+        ] {
+            gauge!(m::STORE_RULE, "rule" => rule.as_str()).set(if st.rule == rule {
+                1.0
+            } else {
+                0.0
+            });
+        }
+        if let Some(r) = &st.recorded {
+            gauge!(m::STORE_RECORDED_EPOCH).set(r.epoch as f64);
+        }
+    }
     for b in &v.backends {
         let name = b.name.clone();
         m::backend_zeros(&name);

@@ -1,0 +1,91 @@
+//! pglb's follower of the store (`[store] kind = "etcd"`): connects to etcd (again, once a
+//! second, while it cannot), follows the recorded primary with `Store::watch_primary` and tells
+//! the control task what the store says (`Event::Store`) whenever the record, the store's
+//! reachability or its failed reads change, and once a second besides, so that the age of the
+//! last answer stays true. It decides nothing: how writes follow the record is `routing`'s
+//! business, and the control task stays the one owner of the state.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::StoreConfig;
+use crate::control::{Event, Events};
+use crate::store::{EtcdStore, PrimaryState, Store, StoreFailure};
+
+/// How often the follower reports without a change (the age of the last answer), and how long
+/// it waits between two attempts to set up the etcd client.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// Follows the store until `token` is cancelled.
+pub async fn run(cfg: StoreConfig, events: Events, token: CancellationToken) {
+    crate::metrics::store_zeros();
+    let mut connect = Failures::default();
+    let store = loop {
+        match EtcdStore::connect(&cfg).await {
+            Ok(s) => break s,
+            Err(e) => {
+                let failure = StoreFailure::from(&e);
+                if connect.count == 0 {
+                    warn!(error = %failure.message, kind = failure.kind, "cannot set up the store client; retrying every second (no writes until the store answers)");
+                } else {
+                    debug!(error = %failure.message, kind = failure.kind, "store client set-up failed again");
+                }
+                crate::metrics::store_errors(failure.kind, 1);
+                connect.count += 1;
+                connect.last = Some(failure);
+                events.send(Event::Store(connect.apply(PrimaryState::default())));
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(EVERY) => {}
+                }
+            }
+        }
+    };
+    if connect.count > 0 {
+        info!("store client set up");
+    }
+    let mut primary = store.watch_primary();
+    let mut counted = 0;
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            changed = primary.changed() => {
+                if changed.is_err() {
+                    // The watch task ended (it does only when the store goes): follow anew.
+                    primary = store.watch_primary();
+                    counted = 0;
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        let state = primary.borrow_and_update().clone();
+        if state.errors > counted {
+            if let Some(e) = &state.last_error {
+                crate::metrics::store_errors(e.kind, state.errors - counted);
+            }
+            counted = state.errors;
+        }
+        events.send(Event::Store(connect.apply(state)));
+    }
+}
+
+/// Failed attempts to set up the client, added to what the primary watch reports.
+#[derive(Default)]
+struct Failures {
+    count: u64,
+    last: Option<StoreFailure>,
+}
+
+impl Failures {
+    fn apply(&self, mut state: PrimaryState) -> PrimaryState {
+        state.errors += self.count;
+        if state.last_error.is_none() {
+            state.last_error = self.last.clone();
+        }
+        state
+    }
+}
