@@ -979,6 +979,7 @@ pub struct PglbBuilder {
     read: toml::Table,
     proxy: toml::Table,
     stats: toml::Table,
+    store: toml::Table,
     backends: Vec<BackendSpec>,
     check_password: String,
     args: Vec<String>,
@@ -1020,6 +1021,7 @@ impl PglbBuilder {
                 ("close_on_writer_change", true.into()),
             ]),
             stats: toml::Table::new(),
+            store: toml::Table::new(),
             backends,
             check_password: CHECK_PASSWORD.to_string(),
             args: Vec::new(),
@@ -1034,11 +1036,12 @@ impl PglbBuilder {
             "read" => &mut self.read,
             "proxy" => &mut self.proxy,
             "stats" => &mut self.stats,
+            "store" => &mut self.store,
             other => panic!("unknown config section [{other}] in test"),
         }
     }
 
-    /// Sets `[section] key = value` (section: check, read, proxy or stats).
+    /// Sets `[section] key = value` (section: check, read, proxy, stats or store).
     pub fn set(mut self, section: &str, key: &str, value: impl Into<toml::Value>) -> Self {
         self.section(section).insert(key.to_string(), value.into());
         self
@@ -1094,6 +1097,9 @@ impl PglbBuilder {
         root.insert("proxy".into(), toml::Value::Table(self.proxy.clone()));
         if !self.stats.is_empty() {
             root.insert("stats".into(), toml::Value::Table(self.stats.clone()));
+        }
+        if !self.store.is_empty() {
+            root.insert("store".into(), toml::Value::Table(self.store.clone()));
         }
         let backends = self
             .backends
