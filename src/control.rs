@@ -496,3 +496,73 @@ fn log(t: &Transition) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::PrimaryRecord;
+
+    fn with_store() -> Config {
+        Config::parse(
+            std::path::Path::new("lb.toml"),
+            "[check]\nuser = \"c\"\n[store]\nkind = \"etcd\"\nendpoints = [\"http://127.0.0.1:1\"]\n[[backend]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n",
+        )
+        .expect("a config with a store parses")
+    }
+
+    /// Polls the View until `f` holds (the store event is applied by the control task).
+    async fn view_until(control: &Control, what: &str, f: impl Fn(&View) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f(&control.view()) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_store_event_reaches_the_view_and_a_changed_store_section_waits_for_a_restart() {
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let cfg = with_store();
+        let (control, task) = Control::start(cfg.clone(), token.clone(), tracker.clone());
+        let task = tokio::spawn(task);
+        // Nothing heard from the store yet: no writes.
+        let st = control.view().store.clone().expect("a store section");
+        assert_eq!(st.rule, StoreRule::Unreachable);
+
+        control.events().send(Event::Store(PrimaryState {
+            record: Some(PrimaryRecord {
+                name: "a".into(),
+                timeline: 1,
+                epoch: 1,
+            }),
+            revision: 5,
+            reachable: true,
+            last_contact: Some(tokio::time::Instant::now()),
+            ..Default::default()
+        }));
+        view_until(&control, "the record in the View", |v| {
+            v.store
+                .as_ref()
+                .is_some_and(|s| s.rule == StoreRule::Record && s.recorded.is_some())
+        })
+        .await;
+
+        let mut changed = cfg.clone();
+        changed.store.prefix = "/pglb/other".into();
+        changed.read.max_lag = 1;
+        control.apply(changed).await.expect("control task runs");
+        let v = control.view();
+        assert_eq!(v.config().read.max_lag, 1, "the rest of the reload applies");
+        assert_eq!(v.config().store.prefix, "/pglb/main");
+        assert_eq!(
+            v.store.as_ref().map(|s| s.prefix.as_str()),
+            Some("/pglb/main")
+        );
+
+        token.cancel();
+        task.await.expect("control task ends");
+        tracker.close();
+        tracker.wait().await;
+    }
+}

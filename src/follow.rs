@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::StoreConfig;
 use crate::control::{Event, Events};
+use crate::routing::without_credentials;
 use crate::store::{EtcdStore, PrimaryState, Store, StoreFailure};
 
 /// How often the follower reports without a change (the age of the last answer), and how long
@@ -26,7 +27,7 @@ pub async fn run(cfg: StoreConfig, events: Events, token: CancellationToken) {
         match EtcdStore::connect(&cfg).await {
             Ok(s) => break s,
             Err(e) => {
-                let failure = StoreFailure::from(&e);
+                let failure = redact(StoreFailure::from(&e), &cfg.endpoints);
                 if connect.count == 0 {
                     warn!(error = %failure.message, kind = failure.kind, "cannot set up the store client; retrying every second (no writes until the store answers)");
                 } else {
@@ -62,7 +63,8 @@ pub async fn run(cfg: StoreConfig, events: Events, token: CancellationToken) {
             }
             _ = tick.tick() => {}
         }
-        let state = primary.borrow_and_update().clone();
+        let mut state = primary.borrow_and_update().clone();
+        state.last_error = state.last_error.map(|e| redact(e, &cfg.endpoints));
         if state.errors > counted {
             if let Some(e) = &state.last_error {
                 crate::metrics::store_errors(e.kind, state.errors - counted);
@@ -71,6 +73,17 @@ pub async fn run(cfg: StoreConfig, events: Events, token: CancellationToken) {
         }
         events.send(Event::Store(connect.apply(state)));
     }
+}
+
+/// An error as pglb shows and logs it: an endpoint written with `user:password@` appears
+/// without it.
+fn redact(mut e: StoreFailure, endpoints: &[String]) -> StoreFailure {
+    for endpoint in endpoints.iter().filter(|e| e.contains('@')) {
+        e.message = e
+            .message
+            .replace(endpoint.as_str(), &without_credentials(endpoint));
+    }
+    e
 }
 
 /// Failed attempts to set up the client, added to what the primary watch reports.
@@ -87,5 +100,21 @@ impl Failures {
             state.last_error = self.last.clone();
         }
         state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_never_show_credentials_written_into_an_endpoint() {
+        let endpoints = ["http://pglb:s3cret@etcd-1:2379".to_string()];
+        let e = StoreFailure {
+            kind: "connect",
+            message: "connect to etcd at http://pglb:s3cret@etcd-1:2379: refused".into(),
+        };
+        let e = redact(e, &endpoints);
+        assert_eq!(e.message, "connect to etcd at http://etcd-1:2379: refused");
     }
 }
