@@ -610,7 +610,9 @@ pub fn route(
     }
     if let (Some(st), Some(d)) = (store, by_record) {
         let seen = (d.rule, st.record.clone(), d.block.clone());
-        if memory.store_seen.as_ref() != Some(&seen) {
+        // Before the follower's first report there is nothing to tell.
+        let heard = st.last_contact.is_some() || st.errors > 0;
+        if heard && memory.store_seen.as_ref() != Some(&seen) {
             transitions.push(Transition::Store {
                 rule: d.rule,
                 record: st.record.clone(),
@@ -1077,6 +1079,9 @@ mod tests {
             }),
             revision: 7,
             reachable,
+            // The follower has reported: an answer, or a failed read.
+            last_contact: reachable.then(tokio::time::Instant::now),
+            errors: u64::from(!reachable),
             ..Default::default()
         }
     }
@@ -1305,7 +1310,12 @@ mod tests {
         ];
         let refs: Vec<_> = states.iter().collect();
         let mut m = Memory::default();
-        let (v, _) = route(&c, &refs, Some(&PrimaryState::default()), &mut m, t0);
+        let (v, t) = route(&c, &refs, Some(&PrimaryState::default()), &mut m, t0);
+        let told = |t: &[Transition]| t.iter().any(|t| matches!(t, Transition::Store { .. }));
+        assert!(
+            !told(&t),
+            "nothing to tell before the follower reports: {t:?}"
+        );
         assert_eq!(v.primary, None);
         assert_eq!(v.readers, ["r"], "reads go on");
         assert!(
@@ -1317,6 +1327,9 @@ mod tests {
         assert_eq!(sv.write_block, Some(WriteBlock::StoreUnreachable));
         assert_eq!(sv.seconds_since_answer, None);
         assert!(sv.recorded.is_none());
+        // The follower's first failed read: now it is worth a log line.
+        let (_, t) = route(&c, &refs, Some(&store(None, false)), &mut m, t0);
+        assert!(told(&t), "{t:?}");
         // The store answers, without a record: pglb's own rule.
         let (v, _) = route(&c, &refs, Some(&store(None, true)), &mut m, t0);
         assert_eq!(v.primary.as_deref(), Some("p"));

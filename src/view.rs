@@ -282,9 +282,9 @@ pub enum WriteBlock {
 impl std::fmt::Display for WriteBlock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            WriteBlock::StoreUnreachable => f.write_str(
-                "the store does not answer and no primary was ever read from it: no writes",
-            ),
+            WriteBlock::StoreUnreachable => {
+                f.write_str("the store does not answer and no primary was ever read from it")
+            }
             WriteBlock::NotConfigured { name } => {
                 write!(f, "the store records {name}, which is not a configured backend")
             }
