@@ -1,7 +1,8 @@
 //! pglb following the primary recorded in etcd (`[store] kind = "etcd"`), against a real
 //! 3-member etcd and real PostgreSQL: writes go to the recorded server, a server promoted by
 //! hand is fenced, writes move with the record, an etcd without quorum leaves writes on the last
-//! recorded primary, and a pglb that never read the store takes no writes until it answers.
+//! recorded primary (and none once it dies, reads going on), and a pglb that never read the store
+//! takes no writes until it answers.
 //! The record is written as a promoter does: `EtcdStore::record_primary` under a campaign's
 //! leadership.
 
@@ -329,4 +330,48 @@ async fn started_with_the_store_unreachable_no_writes_until_it_answers() {
         .await;
     assert_eq!(store_of(&s).rule, StoreRule::Record, "{}", s.raw);
     assert_eq!(s.primary.as_deref(), Some("pg-0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_an_etcd_majority_a_dead_recorded_primary_leaves_reads_and_says_why_no_writes() {
+    let mut etcd = EtcdCluster::start();
+    let cluster = PgCluster::start(1);
+    let (pg0, pg1) = (cluster.node(0), cluster.node(1));
+    let recorder = Recorder::start(&etcd).await;
+    recorder.record("pg-0", pg0.timeline(), 1).await;
+    drop(recorder);
+    let lb = with_store(Pglb::builder(&cluster), &etcd)
+        .set("proxy", "wait_for_backend", "0s")
+        .start();
+    lb.wait_stats(T, "pg-0 primary by the record", |s| {
+        s.primary.as_deref() == Some("pg-0") && recorded_name(s) == Some("pg-0")
+    })
+    .await;
+    etcd.stop_member(1);
+    etcd.stop_member(2);
+    lb.wait_stats(T, "the store unreachable", |s| {
+        s.store.as_ref().is_some_and(|st| !st.reachable)
+    })
+    .await;
+
+    // The recorded primary dies while nothing can be recorded: no writes anywhere, reads go on.
+    pg0.kill();
+    let s = lb
+        .wait_stats(T, "no primary, the recorded one down", |s| {
+            s.primary.is_none() && s.try_backend("pg-0").is_some_and(|b| b.state == "down")
+        })
+        .await;
+    let st = store_of(&s);
+    assert_eq!(st.rule, StoreRule::LastRecord, "{}", s.raw);
+    assert_eq!(
+        st.write_block,
+        Some(WriteBlock::RecordedDown {
+            name: "pg-0".into()
+        }),
+        "{}",
+        s.raw
+    );
+    expect_pglb_fatal(lb.write).await;
+    assert_eq!(lb.health_status(), Ok(503));
+    assert_eq!(landing_port(lb.read).await, pg1.port(), "reads go on");
 }
