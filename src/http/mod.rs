@@ -23,7 +23,7 @@ use crate::backend::Role;
 use crate::control::Control;
 use crate::metrics as m;
 use crate::proxy::PortRole;
-use crate::view::{AdminState, StoreRule, View};
+use crate::view::{AdminState, View};
 
 /// What the HTTP handlers read.
 pub struct StatsContext {
@@ -314,6 +314,7 @@ fn export_metrics(v: &View) {
         if let Some(age) = st.seconds_since_answer {
             gauge!(m::STORE_ANSWER_AGE_SECONDS).set(age);
         }
+        use crate::view::StoreRule;
         for rule in [
             StoreRule::Record,
             StoreRule::LastRecord,

@@ -3,7 +3,7 @@
 
 use askama::Template;
 
-use crate::view::{BackendView, StoreRule, StoreView, View};
+use crate::view::{BackendView, View};
 
 struct Row {
     name: String,
@@ -50,7 +50,8 @@ struct StorePanel {
     last_error: Option<String>,
 }
 
-fn store_panel(st: &StoreView) -> StorePanel {
+fn store_panel(st: &crate::view::StoreView) -> StorePanel {
+    use crate::view::StoreRule;
     let rule_text = match st.rule {
         StoreRule::Record => "writes go only to the recorded primary",
         StoreRule::LastRecord => {
@@ -342,7 +343,7 @@ mod tests {
         let mut v = snapshot();
         v.backends[0].role = Role::Fenced;
         v.backends[0].fence_reason = Some(crate::view::FenceReason::NotRecorded);
-        v.store = Some(StoreView {
+        v.store = Some(crate::view::StoreView {
             kind: "etcd".into(),
             endpoints: vec!["http://127.0.0.1:2379".into()],
             prefix: "/pglb/main".into(),
@@ -353,7 +354,7 @@ mod tests {
                 epoch: 2,
                 revision: 9,
             }),
-            rule: StoreRule::LastRecord,
+            rule: crate::view::StoreRule::LastRecord,
             write_block: Some(crate::view::WriteBlock::RecordedDown {
                 name: "pg-0".into(),
             }),

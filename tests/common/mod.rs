@@ -979,6 +979,7 @@ pub struct PglbBuilder {
     read: toml::Table,
     proxy: toml::Table,
     stats: toml::Table,
+    /// `[store]`, also set with `set("store", key, value)`.
     store: toml::Table,
     backends: Vec<BackendSpec>,
     check_password: String,
@@ -1041,7 +1042,7 @@ impl PglbBuilder {
         }
     }
 
-    /// Sets `[section] key = value` (section: check, read, proxy, stats or store).
+    /// Sets `[section] key = value` (section: check, read, proxy or stats).
     pub fn set(mut self, section: &str, key: &str, value: impl Into<toml::Value>) -> Self {
         self.section(section).insert(key.to_string(), value.into());
         self
