@@ -155,6 +155,7 @@ async fn writes_follow_the_record_and_a_server_promoted_by_hand_is_fenced() {
     // The record moves to pg-1 (as a promoter records a failover): writes move there, the write
     // session still on pg-0 is closed.
     recorder.record("pg-1", pg1.timeline(), 2).await;
+    let recorded_at = std::time::Instant::now();
     let s = lb
         .wait_stats(T, "pg-1 primary by the record, pg-0 fenced", |s| {
             s.primary.as_deref() == Some("pg-1")
@@ -163,6 +164,10 @@ async fn writes_follow_the_record_and_a_server_promoted_by_hand_is_fenced() {
                 })
         })
         .await;
+    eprintln!(
+        "figure: writes moved to the newly recorded primary {:?} after the record was committed",
+        recorded_at.elapsed()
+    );
     assert_eq!(
         store_of(&s)
             .recorded
@@ -210,6 +215,7 @@ async fn without_an_etcd_majority_writes_stay_on_the_last_recorded_primary_only(
     // Two of three members gone: no quorum, nothing can be read or recorded.
     etcd.stop_member(1);
     etcd.stop_member(2);
+    let stopped_at = std::time::Instant::now();
     let s = lb
         .wait_stats(T, "the store unreachable, writes still on pg-0", |s| {
             s.store
@@ -217,6 +223,10 @@ async fn without_an_etcd_majority_writes_stay_on_the_last_recorded_primary_only(
                 .is_some_and(|st| !st.reachable && st.rule == StoreRule::LastRecord)
         })
         .await;
+    eprintln!(
+        "figure: the store shown unreachable {:?} after two of three etcd members stopped",
+        stopped_at.elapsed()
+    );
     assert_eq!(s.primary.as_deref(), Some("pg-0"), "{}", s.raw);
     let st = store_of(&s);
     assert_eq!(st.recorded.as_ref().map(|r| r.name.as_str()), Some("pg-0"));
