@@ -128,6 +128,14 @@ impl Balancer {
         let (control, control_task) =
             Control::start(config.clone(), shutdown.clone(), background.clone());
         supervisor.spawn("control", control_task);
+        if config.store.kind != crate::config::StoreKind::None {
+            let follow = crate::follow::run(
+                config.store.clone(),
+                control.events().clone(),
+                shutdown.clone(),
+            );
+            supervisor.spawn("store follower", follow);
+        }
         let ctx: SessionContext = Arc::new(SessionShared {
             control: control.clone(),
             rr: AtomicUsize::new(0),

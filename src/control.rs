@@ -3,7 +3,8 @@
 //! only send it `Event`s. After each event (and on a ticker, for drain deadlines) it calls the
 //! pure `routing::route`, logs the transitions and publishes the new `Arc<View>` on one `watch`
 //! channel. Sessions are woken only when routing changed; every other reader (stats page,
-//! metrics, checkers) sees the newest View whenever it looks.
+//! metrics, checkers) sees the newest View whenever it looks. With `[store]`, what the store
+//! records as the primary arrives as one more event (`Event::Store`, from `follow`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -17,8 +18,10 @@ use crate::backend::health::Transition as Health;
 use crate::backend::probe::{ProbeError, ProbeReport};
 use crate::backend::{self, Backend};
 use crate::config::Config;
+use crate::config::StoreKind;
 use crate::routing::{route, BackendState, Memory, Transition};
-use crate::view::{AdminState, ReloadStatus, View};
+use crate::store::PrimaryState;
+use crate::view::{AdminState, ReloadStatus, StoreRule, View};
 
 /// Something the control task must know.
 #[derive(Debug)]
@@ -46,6 +49,9 @@ pub enum Event {
     },
     /// The outcome of the last reload attempt, shown in the View.
     Reloaded(ReloadStatus),
+    /// What the store says of the primary now (`[store]` only): the record, whether the store
+    /// answers, its failed reads.
+    Store(PrimaryState),
 }
 
 /// The sending side of the control task's queue.
@@ -94,10 +100,13 @@ impl Control {
         let (tx, rx) = mpsc::unbounded_channel();
         let events = Events(tx);
         let (publish, view) = watch::channel(Arc::new(View::default()));
+        // With a store, nothing is known of it until the follower reports: no writes until then.
+        let store = (config.store.kind != StoreKind::None).then(PrimaryState::default);
         let mut owner = Owner {
             config: Arc::new(config.clone()),
             nodes: Vec::new(),
             memory: Memory::default(),
+            store,
             generation: 0,
             reload: ReloadStatus::default(),
             started: Instant::now(),
@@ -177,6 +186,8 @@ struct Owner {
     /// Configured backends in config order, then removed ones still draining.
     nodes: Vec<Node>,
     memory: Memory,
+    /// The store's latest word on the primary; `None` without `[store]`.
+    store: Option<PrimaryState>,
     generation: u64,
     reload: ReloadStatus,
     started: Instant,
@@ -299,6 +310,11 @@ impl Owner {
                 let _ = reply.send(diff);
             }
             Event::Reloaded(status) => self.reload = status,
+            Event::Store(state) => {
+                if let Some(s) = &mut self.store {
+                    *s = state;
+                }
+            }
         }
     }
 
@@ -306,7 +322,13 @@ impl Owner {
     /// take their new address and weight, settings apply to the next decision. Backend state
     /// (health, admin state, counters) carries over by name. Order matters: checkers for new
     /// backends, one publish of the View, then checkers of removed backends stop.
-    fn apply(&mut self, config: Config) -> ConfigDiff {
+    fn apply(&mut self, mut config: Config) -> ConfigDiff {
+        // The store follower was started with the first config: a changed `[store]` needs a
+        // restart, and until then the View describes the store actually followed.
+        if self.generation > 0 && config.store != self.config.store {
+            warn!("[store] changes need a restart of pglb; keeping the running store settings");
+            config.store = self.config.store.clone();
+        }
         let mut diff = ConfigDiff::default();
         let now = Instant::now();
         let mut old = std::mem::take(&mut self.nodes);
@@ -375,7 +397,13 @@ impl Owner {
             .retain(|n| n.state.drain_until.is_none() || n.handle.active_sessions() > 0);
         let now = Instant::now();
         let states: Vec<&BackendState> = self.nodes.iter().map(|n| &n.state).collect();
-        let (mut view, transitions) = route(&self.config, &states, &mut self.memory, now);
+        let (mut view, transitions) = route(
+            &self.config,
+            &states,
+            self.store.as_ref(),
+            &mut self.memory,
+            now,
+        );
         for t in &transitions {
             log(t);
         }
@@ -411,8 +439,35 @@ fn log(t: &Transition) {
             from,
             to: crate::backend::Role::Fenced,
             timeline,
+            reason,
         } => {
-            warn!(backend = %backend, from = from.as_str(), timeline = ?timeline, "backend fenced: writable but not the newest primary")
+            let reason = reason.map(|r| r.as_str());
+            warn!(backend = %backend, from = from.as_str(), timeline = ?timeline, reason = ?reason, "backend fenced: writable but not to take writes")
+        }
+        Transition::Store {
+            rule,
+            record,
+            block,
+        } => {
+            let (name, timeline, epoch) = match record {
+                Some(r) => (Some(r.name.as_str()), Some(r.timeline), Some(r.epoch)),
+                None => (None, None, None),
+            };
+            let block = block.as_ref().map(|b| b.to_string());
+            match rule {
+                StoreRule::Record => {
+                    info!(recorded = ?name, timeline = ?timeline, epoch = ?epoch, no_writes = ?block, "store: writes go only to the recorded primary")
+                }
+                StoreRule::NoRecord => {
+                    info!("store: no primary recorded yet; pglb's own rule decides writes")
+                }
+                StoreRule::LastRecord => {
+                    warn!(recorded = ?name, timeline = ?timeline, epoch = ?epoch, no_writes = ?block, "store unreachable: writes go only to the last recorded primary while its checks confirm it")
+                }
+                StoreRule::Unreachable => {
+                    warn!("store unreachable and no primary ever read from it: no writes")
+                }
+            }
         }
         Transition::Role {
             backend, from, to, ..
@@ -436,5 +491,75 @@ fn log(t: &Transition) {
         } => {
             warn!(backend = %backend, lag_bytes, lag_seconds, max_lag, max_lag_seconds, "replica over lag limits: no new read sessions")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::PrimaryRecord;
+
+    fn with_store() -> Config {
+        Config::parse(
+            std::path::Path::new("lb.toml"),
+            "[check]\nuser = \"c\"\n[store]\nkind = \"etcd\"\nendpoints = [\"http://127.0.0.1:1\"]\n[[backend]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n",
+        )
+        .expect("a config with a store parses")
+    }
+
+    /// Polls the View until `f` holds (the store event is applied by the control task).
+    async fn view_until(control: &Control, what: &str, f: impl Fn(&View) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f(&control.view()) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_store_event_reaches_the_view_and_a_changed_store_section_waits_for_a_restart() {
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let cfg = with_store();
+        let (control, task) = Control::start(cfg.clone(), token.clone(), tracker.clone());
+        let task = tokio::spawn(task);
+        // Nothing heard from the store yet: no writes.
+        let st = control.view().store.clone().expect("a store section");
+        assert_eq!(st.rule, StoreRule::Unreachable);
+
+        control.events().send(Event::Store(PrimaryState {
+            record: Some(PrimaryRecord {
+                name: "a".into(),
+                timeline: 1,
+                epoch: 1,
+            }),
+            revision: 5,
+            reachable: true,
+            last_contact: Some(tokio::time::Instant::now()),
+            ..Default::default()
+        }));
+        view_until(&control, "the record in the View", |v| {
+            v.store
+                .as_ref()
+                .is_some_and(|s| s.rule == StoreRule::Record && s.recorded.is_some())
+        })
+        .await;
+
+        let mut changed = cfg.clone();
+        changed.store.prefix = "/pglb/other".into();
+        changed.read.max_lag = 1;
+        control.apply(changed).await.expect("control task runs");
+        let v = control.view();
+        assert_eq!(v.config().read.max_lag, 1, "the rest of the reload applies");
+        assert_eq!(v.config().store.prefix, "/pglb/main");
+        assert_eq!(
+            v.store.as_ref().map(|s| s.prefix.as_str()),
+            Some("/pglb/main")
+        );
+
+        token.cancel();
+        task.await.expect("control task ends");
+        tracker.close();
+        tracker.wait().await;
     }
 }

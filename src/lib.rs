@@ -6,6 +6,7 @@
 //! - `backend`: the data path's handle on a backend (counters, slots) and its checker task.
 //! - `routing`: the pure routing decision (`route`): roles (timeline fencing), lag, readers.
 //! - `control`: the control task that owns the backend states and publishes the `View`.
+//! - `follow`: pglb's follower of the primary recorded in the store (`[store]`), feeding `control`.
 //! - `view`: `View`, the one shape of the state (and the `/stats.json` schema).
 //! - `proxy`: accept loops, first-packet handling, the byte splice.
 //! - `pg`: the few wire-protocol pieces pglb reads and writes.
@@ -24,6 +25,7 @@ pub mod app;
 pub mod backend;
 pub mod config;
 pub mod control;
+pub mod follow;
 pub mod http;
 pub mod metrics;
 pub mod pg;

@@ -29,6 +29,11 @@ pub const PRIMARY_KNOWN: &str = "pglb_primary_known";
 pub const BUILD_INFO: &str = "pglb_build_info";
 pub const CHECK_LOGINS_REFUSED_TOTAL: &str = "pglb_check_logins_refused_total";
 pub const SESSIONS_WAITING: &str = "pglb_sessions_waiting";
+pub const STORE_UP: &str = "pglb_store_up";
+pub const STORE_ERRORS_TOTAL: &str = "pglb_store_errors_total";
+pub const STORE_ANSWER_AGE_SECONDS: &str = "pglb_store_last_answer_age_seconds";
+pub const STORE_RULE: &str = "pglb_store_rule";
+pub const STORE_RECORDED_EPOCH: &str = "pglb_store_recorded_epoch";
 
 const PORTS: [PortRole; 2] = [PortRole::Write, PortRole::Read];
 /// Every `reason` label of `pglb_sessions_cut_total`.
@@ -111,6 +116,28 @@ pub fn describe() {
         "new sessions waiting for a backend on a port that has none (wait_for_backend)"
     );
 
+    describe_gauge!(
+        STORE_UP,
+        "1 when the store ([store]) answered pglb's last read of the recorded primary"
+    );
+    describe_counter!(
+        STORE_ERRORS_TOTAL,
+        "failed reads of the store (and failed client set-ups), by kind"
+    );
+    describe_gauge!(
+        STORE_ANSWER_AGE_SECONDS,
+        Unit::Seconds,
+        "time since the store last answered pglb"
+    );
+    describe_gauge!(
+        STORE_RULE,
+        "1 for how the store decides writes now (label rule: record, last_record, no_record, unreachable)"
+    );
+    describe_gauge!(
+        STORE_RECORDED_EPOCH,
+        "epoch of the primary recorded in the store (each failover records the next)"
+    );
+
     // Every family with labels from a closed set is present from the start, at 0, so that
     // dashboards and alerts see 0 rather than no data.
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -150,6 +177,21 @@ pub fn backend_zeros(backend: &str) {
         counter!(BACKEND_CONNECT_FAILURES_TOTAL, "backend" => backend.to_string(), "reason" => reason)
             .increment(0);
     }
+}
+
+/// Kinds of `pglb_store_errors_total` shown at 0 from the start (with `[store]` only).
+const STORE_ERROR_KINDS: [&str; 4] = ["connect", "etcd", "timeout", "decode"];
+
+/// The store families at 0, when pglb follows a store.
+pub fn store_zeros() {
+    gauge!(STORE_UP).set(0.0);
+    for kind in STORE_ERROR_KINDS {
+        counter!(STORE_ERRORS_TOTAL, "kind" => kind).increment(0);
+    }
+}
+
+pub fn store_errors(kind: &'static str, n: u64) {
+    counter!(STORE_ERRORS_TOTAL, "kind" => kind).increment(n);
 }
 
 pub fn session_started(port: PortRole, backend: &str) {

@@ -3,7 +3,8 @@
 //! the next `View` and the transitions worth logging. No I/O, no clock but the `now` passed in:
 //! the control task (`control`) owns the state and calls it after every event.
 //!
-//! Its parts: `decide_roles` fences stale primaries by timeline; `LsnHistory` measures replica
+//! Its parts: `decide_roles` fences stale primaries by timeline; `follow_record` applies the
+//! primary recorded in the store (with `[store]`) on top of that; `LsnHistory` measures replica
 //! time lag on pglb's own clock; `read_eligible` keeps replicas from flapping at the lag limits.
 
 use std::collections::{HashMap, VecDeque};
@@ -14,7 +15,11 @@ use crate::backend::probe::{ProbeError, ProbeReport};
 use crate::backend::Role;
 use crate::config::{BackendConfig, Config};
 use crate::pg::Lsn;
-use crate::view::{unix, AdminState, BackendView, Condition, Listen, Status, View};
+use crate::store::{PrimaryRecord, PrimaryState};
+use crate::view::{
+    unix, AdminState, BackendView, Condition, FenceReason, Listen, RecordView, Status, StoreRule,
+    StoreView, View, WriteBlock,
+};
 /// One backend's inputs to the role decision.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeView {
@@ -27,6 +32,8 @@ pub struct NodeView {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoleDecision {
     pub roles: Vec<Role>,
+    /// Why each fenced server is fenced (`None` for every other role).
+    pub fence: Vec<Option<FenceReason>>,
     pub primary: Option<usize>,
     /// Set when more than one server claims to be primary on the newest timeline.
     pub conflict: Option<String>,
@@ -41,6 +48,7 @@ pub type FenceMemory = HashMap<u64, u32>;
 /// same newest timeline means no primary at all (fail closed) and both fenced.
 pub fn decide_roles(nodes: &[NodeView], memory: &mut FenceMemory) -> RoleDecision {
     let mut roles = vec![Role::Unknown; nodes.len()];
+    let mut fence = vec![None; nodes.len()];
     for n in nodes.iter().filter(|n| n.up && !n.in_recovery) {
         let tl = n.timeline.unwrap_or(0);
         let e = memory.entry(n.system_id.unwrap_or(0)).or_insert(tl);
@@ -58,6 +66,7 @@ pub fn decide_roles(nodes: &[NodeView], memory: &mut FenceMemory) -> RoleDecisio
         let newest = memory[&n.system_id.unwrap_or(0)];
         if n.timeline.unwrap_or(0) < newest {
             roles[i] = Role::Fenced;
+            fence[i] = Some(FenceReason::StaleTimeline);
         } else {
             candidates.push(i);
         }
@@ -65,6 +74,7 @@ pub fn decide_roles(nodes: &[NodeView], memory: &mut FenceMemory) -> RoleDecisio
     match candidates.as_slice() {
         [] => RoleDecision {
             roles,
+            fence,
             primary: None,
             conflict: None,
         },
@@ -72,6 +82,7 @@ pub fn decide_roles(nodes: &[NodeView], memory: &mut FenceMemory) -> RoleDecisio
             roles[*one] = Role::Primary;
             RoleDecision {
                 roles,
+                fence,
                 primary: Some(*one),
                 conflict: None,
             }
@@ -79,13 +90,121 @@ pub fn decide_roles(nodes: &[NodeView], memory: &mut FenceMemory) -> RoleDecisio
         many => {
             for &i in many {
                 roles[i] = Role::Fenced;
+                fence[i] = Some(FenceReason::Conflict);
             }
             RoleDecision {
                 roles,
+                fence,
                 primary: None,
                 conflict: Some(format!("{} servers claim to be primary", many.len())),
             }
         }
+    }
+}
+
+/// What the store's record made of pglb's own decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordDecision {
+    pub rule: StoreRule,
+    /// Why the write port has no primary because of the store.
+    pub block: Option<WriteBlock>,
+}
+
+/// Applies the primary recorded in the store to pglb's own decision `own` (same order as
+/// `nodes` and `names`).
+///
+/// - A record (read now, or the last one read while the store does not answer): writes go only
+///   to the server it names, once that server is up and writable on the recorded timeline or
+///   newer, whatever the other timelines say. Every other writable server is fenced
+///   (`NotRecorded`), so two writable servers are no conflict: the record says which one.
+/// - No record, store answering: `own` as it is (no promoter has recorded a primary yet).
+/// - No record ever read, store not answering: no primary. Roles stay pglb's own, so open write
+///   sessions keep what pglb alone would keep: the store being away is no evidence against them.
+pub fn follow_record(
+    own: &RoleDecision,
+    nodes: &[NodeView],
+    names: &[&str],
+    store: &PrimaryState,
+) -> (RoleDecision, RecordDecision) {
+    let Some(record) = &store.record else {
+        if store.reachable {
+            let d = RecordDecision {
+                rule: StoreRule::NoRecord,
+                block: None,
+            };
+            return (own.clone(), d);
+        }
+        let decision = RoleDecision {
+            primary: None,
+            ..own.clone()
+        };
+        let d = RecordDecision {
+            rule: StoreRule::Unreachable,
+            block: Some(WriteBlock::StoreUnreachable),
+        };
+        return (decision, d);
+    };
+    let rule = if store.reachable {
+        StoreRule::Record
+    } else {
+        StoreRule::LastRecord
+    };
+    let named = names.iter().position(|n| *n == record.name);
+    let mut roles = own.roles.clone();
+    let mut fence = own.fence.clone();
+    for (i, n) in nodes.iter().enumerate() {
+        if n.up && !n.in_recovery && Some(i) != named {
+            roles[i] = Role::Fenced;
+            fence[i] = Some(FenceReason::NotRecorded);
+        }
+    }
+    let name = || record.name.clone();
+    let (primary, block) = match named {
+        None => (None, Some(WriteBlock::NotConfigured { name: name() })),
+        Some(r) => {
+            let n = &nodes[r];
+            let timeline = n.timeline.unwrap_or(0);
+            if !n.up {
+                (None, Some(WriteBlock::RecordedDown { name: name() }))
+            } else if n.in_recovery {
+                (None, Some(WriteBlock::RecordedInRecovery { name: name() }))
+            } else if timeline < record.timeline {
+                roles[r] = Role::Fenced;
+                fence[r] = Some(FenceReason::StaleTimeline);
+                let block = WriteBlock::RecordedBehind {
+                    name: name(),
+                    timeline,
+                    recorded_timeline: record.timeline,
+                };
+                (None, Some(block))
+            } else {
+                roles[r] = Role::Primary;
+                fence[r] = None;
+                (Some(r), None)
+            }
+        }
+    };
+    let decision = RoleDecision {
+        roles,
+        fence,
+        primary,
+        conflict: None,
+    };
+    (decision, RecordDecision { rule, block })
+}
+
+/// A store endpoint as shown: `scheme://host:port`, without any `user:password@`.
+pub fn without_credentials(endpoint: &str) -> String {
+    let (scheme, rest) = endpoint.split_once("://").unwrap_or(("", endpoint));
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    let rest = match rest[..host_end].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    if scheme.is_empty() {
+        rest.to_string()
+    } else {
+        format!("{scheme}://{rest}")
     }
 }
 
@@ -196,6 +315,8 @@ pub struct Memory {
     conflict_reported: Option<Instant>,
     last_primary: Option<String>,
     decided: HashMap<String, Decided>,
+    /// The store's rule, record and block as last logged.
+    store_seen: Option<(StoreRule, Option<PrimaryRecord>, Option<WriteBlock>)>,
 }
 
 /// A change worth a log line, as `route` saw it.
@@ -217,6 +338,14 @@ pub enum Transition {
         from: Role,
         to: Role,
         timeline: Option<u32>,
+        /// Set when `to` is `Fenced`.
+        reason: Option<FenceReason>,
+    },
+    /// How the store decides writes changed: its rule, the record or why there is no primary.
+    Store {
+        rule: StoreRule,
+        record: Option<PrimaryRecord>,
+        block: Option<WriteBlock>,
     },
     Lag {
         backend: String,
@@ -230,11 +359,13 @@ pub enum Transition {
 
 /// Decides the next View: roles (fencing), the primary, each replica's lag and read eligibility,
 /// and which backends' sessions are cut. `states` are the configured backends in config order,
-/// then the removed ones still draining; the View's `backends` are in the same order. The
-/// runtime parts of the View (handles, config, generation) are the caller's to fill in.
+/// then the removed ones still draining; the View's `backends` are in the same order. `store`
+/// is what the store last said of the primary, `None` without `[store]`. The runtime parts of
+/// the View (handles, config, generation) are the caller's to fill in.
 pub fn route(
     cfg: &Config,
     states: &[&BackendState],
+    store: Option<&PrimaryState>,
     memory: &mut Memory,
     now: Instant,
 ) -> (View, Vec<Transition>) {
@@ -254,7 +385,20 @@ pub fn route(
         })
         .collect();
 
-    let decision = decide_roles(&views, &mut memory.fence);
+    let own = decide_roles(&views, &mut memory.fence);
+    let names: Vec<&str> = configured.iter().map(|s| s.name()).collect();
+    let (decision, by_record) = match store {
+        Some(st) => {
+            let (d, r) = follow_record(&own, &views, &names, st);
+            (d, Some(r))
+        }
+        None => (own.clone(), None),
+    };
+    // With a record, writes (open ones too) follow it; otherwise open write sessions keep what
+    // pglb's own rule keeps.
+    let recorded = store
+        .and_then(|st| st.record.as_ref())
+        .filter(|_| by_record.is_some());
     match (&decision.conflict, memory.conflict_reported) {
         (Some(c), last) if last.is_none_or(|t| now.duration_since(t) >= cfg.check.interval) => {
             let servers = decision
@@ -329,6 +473,7 @@ pub fn route(
         };
         let sysid = if draining { None } else { views[ci].system_id };
         let is_primary = !draining && decision.primary == Some(ci);
+        let pos = (!draining).then_some(ci);
         if !draining {
             ci += 1;
         }
@@ -340,6 +485,9 @@ pub fn route(
                 since: s.since,
                 read_eligible: true,
             });
+        let fence_reason = pos
+            .and_then(|p| decision.fence[p])
+            .filter(|_| role == Role::Fenced);
         if decided.role != role && !draining {
             if s.health.is_up() {
                 transitions.push(Transition::Role {
@@ -347,6 +495,7 @@ pub fn route(
                     from: decided.role,
                     to: role,
                     timeline: s.report.as_ref().and_then(|r| r.timeline),
+                    reason: fence_reason,
                 });
             }
             decided.role = role;
@@ -416,13 +565,28 @@ pub fn route(
                 .unwrap_or(0);
             !r.in_recovery && r.timeline.unwrap_or(0) >= newest
         };
-        let keep_writes = !draining
-            && s.admin != AdminState::Disabled
-            && (is_primary
-                || (!s.health.is_up()
-                    && decision.primary.is_none()
-                    && decision.conflict.is_none()
-                    && last_known_primary()));
+        let keeps_open_writes = match recorded {
+            // The record is the evidence: only the server it names keeps its write sessions,
+            // also while its checks fail, as long as its last report said writable on the
+            // recorded timeline or newer.
+            Some(rec) => {
+                is_primary
+                    || (!s.health.is_up()
+                        && decision.primary.is_none()
+                        && s.name() == rec.name
+                        && s.report.as_ref().is_some_and(|r| {
+                            !r.in_recovery && r.timeline.unwrap_or(0) >= rec.timeline
+                        }))
+            }
+            None => {
+                pos.is_some_and(|p| own.primary == Some(p))
+                    || (!s.health.is_up()
+                        && own.primary.is_none()
+                        && own.conflict.is_none()
+                        && last_known_primary())
+            }
+        };
+        let keep_writes = !draining && s.admin != AdminState::Disabled && keeps_open_writes;
         if keep_writes {
             view.routing.keep_writes.push(s.name().to_string());
         }
@@ -433,14 +597,30 @@ pub fn route(
         if cut {
             view.routing.cut.push(s.name().to_string());
         }
-        view.backends.push(backend_view(
+        let mut b = backend_view(
             s,
             role,
             eligible,
             lag_bytes,
             lag_seconds,
             s.since.max(decided.since),
-        ));
+        );
+        b.fence_reason = fence_reason;
+        view.backends.push(b);
+    }
+    if let (Some(st), Some(d)) = (store, by_record) {
+        let seen = (d.rule, st.record.clone(), d.block.clone());
+        // Before the follower's first report there is nothing to tell.
+        let heard = st.last_contact.is_some() || st.errors > 0;
+        if heard && memory.store_seen.as_ref() != Some(&seen) {
+            transitions.push(Transition::Store {
+                rule: d.rule,
+                record: st.record.clone(),
+                block: d.block.clone(),
+            });
+            memory.store_seen = Some(seen);
+        }
+        view.store = Some(store_view(cfg, st, d, now));
     }
     // A replica's upstream as the backend's name when it is one of ours (same address as
     // configured), else the address its receiver reports.
@@ -461,6 +641,34 @@ pub fn route(
         .decided
         .retain(|name, _| states.iter().any(|s| s.name() == name));
     (view, transitions)
+}
+
+fn store_view(cfg: &Config, st: &PrimaryState, d: RecordDecision, now: Instant) -> StoreView {
+    let last_answer = st.last_contact.map(|t| t.into_std());
+    StoreView {
+        kind: cfg.store.kind.as_str().to_string(),
+        endpoints: cfg
+            .store
+            .endpoints
+            .iter()
+            .map(|e| without_credentials(e))
+            .collect(),
+        prefix: cfg.store.prefix.clone(),
+        reachable: st.reachable,
+        recorded: st.record.as_ref().map(|r| RecordView {
+            name: r.name.clone(),
+            timeline: r.timeline,
+            epoch: r.epoch,
+            revision: st.revision,
+        }),
+        rule: d.rule,
+        write_block: d.block,
+        seconds_since_answer: last_answer.map(|t| now.saturating_duration_since(t).as_secs_f64()),
+        errors: st.errors,
+        last_error: st.last_error.as_ref().map(|e| e.message.clone()),
+        last_error_kind: st.last_error.as_ref().map(|e| e.kind.to_string()),
+        last_answer,
+    }
 }
 
 fn backend_view(
@@ -684,7 +892,7 @@ mod tests {
         ];
         let refs: Vec<_> = states.iter().collect();
         let mut m = Memory::default();
-        let (v, t) = route(&cfg(), &refs, &mut m, t0);
+        let (v, t) = route(&cfg(), &refs, None, &mut m, t0);
         assert_eq!(v.primary.as_deref(), Some("p"));
         assert_eq!(v.readers, ["r1"]);
         assert_eq!(v.routing.primary, Some(0));
@@ -696,7 +904,7 @@ mod tests {
             previous: None
         }));
         // Nothing changed: nothing to log.
-        let (_, t) = route(&cfg(), &refs, &mut m, t0 + Duration::from_secs(1));
+        let (_, t) = route(&cfg(), &refs, None, &mut m, t0 + Duration::from_secs(1));
         assert!(t.is_empty(), "{t:?}");
     }
 
@@ -710,7 +918,7 @@ mod tests {
         states[0].admin = AdminState::Drain;
         states[1].admin = AdminState::Disabled;
         let refs: Vec<_> = states.iter().collect();
-        let (v, _) = route(&cfg(), &refs, &mut Memory::default(), t0);
+        let (v, _) = route(&cfg(), &refs, None, &mut Memory::default(), t0);
         assert_eq!(v.primary, None);
         assert!(v.readers.is_empty());
         assert_eq!(v.routing.cut, ["r1"]);
@@ -728,11 +936,11 @@ mod tests {
         states[1].drain_until = Some(t0 + Duration::from_secs(5));
         let refs: Vec<_> = states.iter().collect();
         let mut m = Memory::default();
-        let (v, _) = route(&cfg(), &refs, &mut m, t0);
+        let (v, _) = route(&cfg(), &refs, None, &mut m, t0);
         assert_eq!(v.backends[1].state, Status::Draining);
         assert!(v.readers.is_empty());
         assert!(v.routing.cut.is_empty());
-        let (v, _) = route(&cfg(), &refs, &mut m, t0 + Duration::from_secs(5));
+        let (v, _) = route(&cfg(), &refs, None, &mut m, t0 + Duration::from_secs(5));
         assert_eq!(v.routing.cut, ["gone"]);
     }
 
@@ -751,7 +959,7 @@ mod tests {
         let run = |m: &mut Memory, lag: u64| {
             let s = at(lag);
             let refs: Vec<_> = s.iter().collect();
-            route(&c, &refs, m, t0)
+            route(&c, &refs, None, m, t0)
         };
         assert_eq!(run(&mut m, 0).0.readers, ["r"]);
         let (v, t) = run(&mut m, max + 1);
@@ -781,12 +989,12 @@ mod tests {
         let refs: Vec<_> = states.iter().collect();
         let c = cfg();
         let mut m = Memory::default();
-        let (v, t) = route(&c, &refs, &mut m, t0);
+        let (v, t) = route(&c, &refs, None, &mut m, t0);
         assert_eq!(v.primary, None);
         assert!(t.iter().any(|t| matches!(t, Transition::Conflict { .. })));
-        let (_, t) = route(&c, &refs, &mut m, t0 + c.check.interval / 2);
+        let (_, t) = route(&c, &refs, None, &mut m, t0 + c.check.interval / 2);
         assert!(!t.iter().any(|t| matches!(t, Transition::Conflict { .. })));
-        let (_, t) = route(&c, &refs, &mut m, t0 + c.check.interval);
+        let (_, t) = route(&c, &refs, None, &mut m, t0 + c.check.interval);
         assert!(t.iter().any(|t| matches!(t, Transition::Conflict { .. })));
     }
 
@@ -801,7 +1009,7 @@ mod tests {
         ];
         let run = |m: &mut Memory, states: &[BackendState]| {
             let refs: Vec<_> = states.iter().collect();
-            route(&c, &refs, m, t0).0
+            route(&c, &refs, None, m, t0).0
         };
         let v = run(&mut m, &states);
         assert!(v.keeps(PortRole::Write, "p"));
@@ -832,17 +1040,17 @@ mod tests {
         // Its last report says recovery: it is a replica now.
         states[0].report = Some(report(true, 1, 1000));
         let refs: Vec<_> = states.iter().collect();
-        let (v, _) = route(&c, &refs, &mut Memory::default(), t0);
+        let (v, _) = route(&c, &refs, None, &mut Memory::default(), t0);
         assert!(!v.keeps(PortRole::Write, "p"));
         let mut states = [state("p", true, Some(report(false, 1, 1000)), t0)];
         states[0].admin = AdminState::Disabled;
         let refs: Vec<_> = states.iter().collect();
-        let (v, _) = route(&c, &refs, &mut Memory::default(), t0);
+        let (v, _) = route(&c, &refs, None, &mut Memory::default(), t0);
         assert!(!v.keeps(PortRole::Write, "p"));
         // Drain: no new sessions, open ones stay.
         states[0].admin = AdminState::Drain;
         let refs: Vec<_> = states.iter().collect();
-        let (v, _) = route(&c, &refs, &mut Memory::default(), t0);
+        let (v, _) = route(&c, &refs, None, &mut Memory::default(), t0);
         assert_eq!(v.primary, None);
         assert!(v.keeps(PortRole::Write, "p"));
     }
@@ -853,8 +1061,316 @@ mod tests {
         let mut states = [state("p", true, Some(report(false, 1, 1000)), t0)];
         states[0].login_error = Some(ProbeError::Timeout(Duration::from_secs(1)));
         let refs: Vec<_> = states.iter().collect();
-        let (v, _) = route(&cfg(), &refs, &mut Memory::default(), t0);
+        let (v, _) = route(&cfg(), &refs, None, &mut Memory::default(), t0);
         assert_eq!(v.backends[0].condition, Condition::LoginRefused);
         assert_eq!(v.primary.as_deref(), Some("p"));
+    }
+
+    fn named(nodes: &[NodeView]) -> Vec<String> {
+        (0..nodes.len()).map(|i| format!("pg-{i}")).collect()
+    }
+
+    fn store(record: Option<(&str, u32, u64)>, reachable: bool) -> PrimaryState {
+        PrimaryState {
+            record: record.map(|(name, timeline, epoch)| PrimaryRecord {
+                name: name.into(),
+                timeline,
+                epoch,
+            }),
+            revision: 7,
+            reachable,
+            // The follower has reported: an answer, or a failed read.
+            last_contact: reachable.then(tokio::time::Instant::now),
+            errors: u64::from(!reachable),
+            ..Default::default()
+        }
+    }
+
+    /// `decide_roles`, then `follow_record`, as `route` does.
+    fn by_record(nodes: &[NodeView], st: &PrimaryState) -> (RoleDecision, RecordDecision) {
+        let own = decide_roles(nodes, &mut FenceMemory::new());
+        let names = named(nodes);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        follow_record(&own, nodes, &names, st)
+    }
+
+    #[test]
+    fn the_recorded_primary_takes_writes() {
+        let nodes = [primary(1, 7), replica(), replica()];
+        let (d, r) = by_record(&nodes, &store(Some(("pg-0", 1, 1)), true));
+        assert_eq!(d.primary, Some(0));
+        assert_eq!(d.roles, vec![Role::Primary, Role::Replica, Role::Replica]);
+        assert_eq!(r.rule, StoreRule::Record);
+        assert_eq!(r.block, None);
+    }
+
+    #[test]
+    fn a_server_promoted_outside_the_record_is_fenced_even_on_a_newer_timeline() {
+        // pg-1 promoted by hand (timeline 2) while the store records pg-0 (timeline 1): pglb's own
+        // rule would pick pg-1; the record keeps pg-0 and fences pg-1.
+        let nodes = [primary(1, 7), primary(2, 7), replica()];
+        let own = decide_roles(&nodes, &mut FenceMemory::new());
+        assert_eq!(own.primary, Some(1), "own rule: the newest timeline");
+        let (d, r) = by_record(&nodes, &store(Some(("pg-0", 1, 1)), true));
+        assert_eq!(d.primary, Some(0));
+        assert_eq!(d.roles[1], Role::Fenced);
+        assert_eq!(d.fence[1], Some(FenceReason::NotRecorded));
+        assert_eq!(d.fence[0], None);
+        assert_eq!(r.block, None);
+        // The record moves to pg-1: now pg-0 is the one fenced.
+        let (d, _) = by_record(&nodes, &store(Some(("pg-1", 2, 2)), true));
+        assert_eq!(d.primary, Some(1));
+        assert_eq!(d.fence[0], Some(FenceReason::NotRecorded));
+    }
+
+    #[test]
+    fn two_writable_on_one_timeline_are_no_conflict_when_the_record_names_one() {
+        let nodes = [primary(3, 7), primary(3, 7)];
+        assert!(decide_roles(&nodes, &mut FenceMemory::new())
+            .conflict
+            .is_some());
+        let (d, _) = by_record(&nodes, &store(Some(("pg-1", 3, 4)), true));
+        assert_eq!(d.primary, Some(1));
+        assert_eq!(d.conflict, None);
+        assert_eq!(d.fence, vec![Some(FenceReason::NotRecorded), None]);
+    }
+
+    #[test]
+    fn no_writes_until_the_recorded_server_is_writable_on_the_recorded_timeline() {
+        // Recorded before its promotion: still a replica; the old primary still writable.
+        let nodes = [primary(1, 7), replica()];
+        let (d, r) = by_record(&nodes, &store(Some(("pg-1", 1, 2)), true));
+        assert_eq!(d.primary, None);
+        assert_eq!(
+            r.block,
+            Some(WriteBlock::RecordedInRecovery {
+                name: "pg-1".into()
+            })
+        );
+        assert_eq!(d.fence[0], Some(FenceReason::NotRecorded));
+        // Writable, but on a timeline older than the record's.
+        let (d, r) = by_record(&[primary(2, 7)], &store(Some(("pg-0", 3, 2)), true));
+        assert_eq!(d.primary, None);
+        assert_eq!(d.fence[0], Some(FenceReason::StaleTimeline));
+        assert_eq!(
+            r.block,
+            Some(WriteBlock::RecordedBehind {
+                name: "pg-0".into(),
+                timeline: 2,
+                recorded_timeline: 3
+            })
+        );
+        // Down.
+        let (d, r) = by_record(&[down(), replica()], &store(Some(("pg-0", 1, 1)), true));
+        assert_eq!(d.primary, None);
+        assert_eq!(
+            r.block,
+            Some(WriteBlock::RecordedDown {
+                name: "pg-0".into()
+            })
+        );
+        // Not one of ours.
+        let (d, r) = by_record(&[primary(1, 7)], &store(Some(("elsewhere", 1, 1)), true));
+        assert_eq!(d.primary, None);
+        assert_eq!(d.fence[0], Some(FenceReason::NotRecorded));
+        assert_eq!(
+            r.block,
+            Some(WriteBlock::NotConfigured {
+                name: "elsewhere".into()
+            })
+        );
+        // Writable on a newer timeline than recorded (the record is written before promotion
+        // with the timeline to exceed): takes writes.
+        let (d, _) = by_record(&[primary(4, 7)], &store(Some(("pg-0", 3, 2)), true));
+        assert_eq!(d.primary, Some(0));
+    }
+
+    #[test]
+    fn an_unreachable_store_keeps_the_last_record_and_never_an_unrecorded_server() {
+        let nodes = [primary(1, 7), primary(2, 7)];
+        let (d, r) = by_record(&nodes, &store(Some(("pg-0", 1, 1)), false));
+        assert_eq!(r.rule, StoreRule::LastRecord);
+        assert_eq!(d.primary, Some(0));
+        assert_eq!(d.fence[1], Some(FenceReason::NotRecorded));
+        // The recorded one fails its checks: nobody takes writes.
+        let (d, r) = by_record(
+            &[down(), primary(2, 7)],
+            &store(Some(("pg-0", 1, 1)), false),
+        );
+        assert_eq!(d.primary, None);
+        assert_eq!(
+            r.block,
+            Some(WriteBlock::RecordedDown {
+                name: "pg-0".into()
+            })
+        );
+    }
+
+    #[test]
+    fn no_record_in_a_reachable_store_is_pglbs_own_rule_and_an_unreachable_one_no_writes() {
+        let nodes = [primary(1, 7), primary(2, 7), replica()];
+        let own = decide_roles(&nodes, &mut FenceMemory::new());
+        let (d, r) = by_record(&nodes, &store(None, true));
+        assert_eq!(d, own);
+        assert_eq!(r.rule, StoreRule::NoRecord);
+        assert_eq!(r.block, None);
+        let (d, r) = by_record(&nodes, &store(None, false));
+        assert_eq!(d.primary, None);
+        assert_eq!(d.roles, own.roles, "roles stay pglb's own");
+        assert_eq!(r.rule, StoreRule::Unreachable);
+        assert_eq!(r.block, Some(WriteBlock::StoreUnreachable));
+        // Never answered since start (the default state) is the same.
+        let (d, r) = by_record(&nodes, &PrimaryState::default());
+        assert_eq!((d.primary, r.rule), (None, StoreRule::Unreachable));
+    }
+
+    #[test]
+    fn endpoints_are_shown_without_credentials() {
+        assert_eq!(
+            without_credentials("http://pglb:s3cret@etcd-1:2379"),
+            "http://etcd-1:2379"
+        );
+        assert_eq!(
+            without_credentials("https://etcd-1:2379"),
+            "https://etcd-1:2379"
+        );
+        assert_eq!(without_credentials("etcd-1:2379"), "etcd-1:2379");
+    }
+
+    fn store_cfg() -> Config {
+        Config::parse(
+            std::path::Path::new("lb.toml"),
+            "[check]\nuser = \"c\"\n[store]\nkind = \"etcd\"\nendpoints = [\"http://u:pw@127.0.0.1:2379\"]\n[[backend]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n",
+        )
+        .expect("a config with a store parses")
+    }
+
+    #[test]
+    fn route_follows_the_record_and_closes_write_sessions_of_an_unrecorded_server() {
+        let t0 = Instant::now();
+        let c = store_cfg();
+        let mut m = Memory::default();
+        let mut states = [
+            state("p", true, Some(report(false, 1, 1000)), t0),
+            state("r", true, Some(report(true, 1, 1000)), t0),
+        ];
+        let run = |m: &mut Memory, states: &[BackendState], st: &PrimaryState| {
+            let refs: Vec<_> = states.iter().collect();
+            route(&c, &refs, Some(st), m, t0)
+        };
+        let rec_p = store(Some(("p", 1, 1)), true);
+        let (v, t) = run(&mut m, &states, &rec_p);
+        assert_eq!(v.primary.as_deref(), Some("p"));
+        assert!(v.keeps(PortRole::Write, "p"));
+        let sv = v.store.as_ref().expect("a store section");
+        assert_eq!(sv.rule, StoreRule::Record);
+        assert_eq!(sv.recorded.as_ref().map(|r| r.name.as_str()), Some("p"));
+        assert_eq!(sv.endpoints, ["http://127.0.0.1:2379"]);
+        assert!(t.iter().any(|t| matches!(
+            t,
+            Transition::Store {
+                rule: StoreRule::Record,
+                ..
+            }
+        )));
+        // "r" promoted by hand: fenced, no sessions; "p" keeps writes.
+        states[1].report = Some(report(false, 2, 2000));
+        let (v, t) = run(&mut m, &states, &rec_p);
+        assert_eq!(v.primary.as_deref(), Some("p"));
+        assert_eq!(v.backends[1].role, Role::Fenced);
+        assert_eq!(v.backends[1].fence_reason, Some(FenceReason::NotRecorded));
+        assert!(!v.keeps(PortRole::Write, "r"));
+        assert!(v.readers.is_empty());
+        assert!(
+            !t.iter().any(|t| matches!(t, Transition::Store { .. })),
+            "{t:?}"
+        );
+        // "p"'s checks fail: no primary, its open write sessions stay (no evidence), "r"'s do not.
+        states[0].health.record(false, 1, 1);
+        let (v, _) = run(&mut m, &states, &rec_p);
+        assert_eq!(v.primary, None);
+        assert!(v.keeps(PortRole::Write, "p"));
+        assert!(!v.keeps(PortRole::Write, "r"));
+        // The record moves to "r": writes and open sessions move.
+        states[0].health.record(true, 1, 1);
+        let (v, t) = run(&mut m, &states, &store(Some(("r", 2, 2)), true));
+        assert_eq!(v.primary.as_deref(), Some("r"));
+        assert!(!v.keeps(PortRole::Write, "p"));
+        assert_eq!(v.backends[0].fence_reason, Some(FenceReason::NotRecorded));
+        assert!(t.iter().any(|t| matches!(t, Transition::Store { .. })));
+    }
+
+    #[test]
+    fn route_with_a_store_never_read_takes_no_writes_but_keeps_open_ones() {
+        let t0 = Instant::now();
+        let c = store_cfg();
+        let states = [
+            state("p", true, Some(report(false, 1, 1000)), t0),
+            state("r", true, Some(report(true, 1, 1000)), t0),
+        ];
+        let refs: Vec<_> = states.iter().collect();
+        let mut m = Memory::default();
+        let (v, t) = route(&c, &refs, Some(&PrimaryState::default()), &mut m, t0);
+        let told = |t: &[Transition]| t.iter().any(|t| matches!(t, Transition::Store { .. }));
+        assert!(
+            !told(&t),
+            "nothing to tell before the follower reports: {t:?}"
+        );
+        assert_eq!(v.primary, None);
+        assert_eq!(v.readers, ["r"], "reads go on");
+        assert!(
+            v.keeps(PortRole::Write, "p"),
+            "no evidence against open sessions"
+        );
+        let sv = v.store.as_ref().expect("a store section");
+        assert_eq!(sv.rule, StoreRule::Unreachable);
+        assert_eq!(sv.write_block, Some(WriteBlock::StoreUnreachable));
+        assert_eq!(sv.seconds_since_answer, None);
+        assert!(sv.recorded.is_none());
+        // The follower's first failed read: now it is worth a log line.
+        let (_, t) = route(&c, &refs, Some(&store(None, false)), &mut m, t0);
+        assert!(told(&t), "{t:?}");
+        // The store answers, without a record: pglb's own rule.
+        let (v, _) = route(&c, &refs, Some(&store(None, true)), &mut m, t0);
+        assert_eq!(v.primary.as_deref(), Some("p"));
+        assert_eq!(v.store.as_ref().map(|s| s.rule), Some(StoreRule::NoRecord));
+        // Without [store], no store section.
+        let (v, _) = route(&cfg(), &refs, None, &mut m, t0);
+        assert!(v.store.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_age_of_the_last_answer_and_the_last_error_show_in_the_store_section() {
+        let c = store_cfg();
+        let t0 = tokio::time::Instant::now();
+        let states = [state(
+            "p",
+            true,
+            Some(report(false, 1, 1000)),
+            t0.into_std(),
+        )];
+        let refs: Vec<_> = states.iter().collect();
+        let mut st = store(Some(("p", 1, 1)), false);
+        st.last_contact = Some(t0);
+        st.errors = 3;
+        st.last_error = Some(crate::store::StoreFailure {
+            kind: "timeout",
+            message: "etcd get on /pglb/main/primary: no answer within 1s".into(),
+        });
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let now = tokio::time::Instant::now().into_std();
+        let (v, _) = route(&c, &refs, Some(&st), &mut Memory::default(), now);
+        let sv = v.store.as_ref().expect("a store section");
+        assert_eq!(sv.rule, StoreRule::LastRecord);
+        assert!(!sv.reachable);
+        assert_eq!(
+            v.primary.as_deref(),
+            Some("p"),
+            "the last record still holds"
+        );
+        assert_eq!(sv.seconds_since_answer, Some(4.0));
+        assert_eq!(sv.errors, 3);
+        assert_eq!(sv.last_error_kind.as_deref(), Some("timeout"));
+        assert!(sv.last_error.is_some());
     }
 }

@@ -131,6 +131,9 @@ pub struct BackendView {
     pub maxconn: u64,
     /// primary, replica, fenced or unknown.
     pub role: Role,
+    /// Why it is fenced (role "fenced" only).
+    #[serde(default)]
+    pub fence_reason: Option<FenceReason>,
     /// up, down, draining (admin drain or removed from the config) or disabled.
     pub state: Status,
     /// ok, full, login_refused, suspect or down: the checks' view, apart from role and admin.
@@ -183,6 +186,152 @@ pub struct Listen {
     pub stats: String,
 }
 
+/// Why a writable server is fenced (takes no sessions; its write sessions are closed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FenceReason {
+    /// Its timeline is below the newest one seen for its cluster: a primary that was replaced.
+    StaleTimeline,
+    /// Another server is writable on the same newest timeline, and no store says which one is
+    /// the primary: neither takes writes.
+    Conflict,
+    /// The store records another server as the primary (`[store]`).
+    NotRecorded,
+}
+
+impl FenceReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FenceReason::StaleTimeline => "stale_timeline",
+            FenceReason::Conflict => "conflict",
+            FenceReason::NotRecorded => "not_recorded",
+        }
+    }
+
+    /// For people (the stats page).
+    pub fn describe(self) -> &'static str {
+        match self {
+            FenceReason::StaleTimeline => "writable on an older timeline than the newest primary",
+            FenceReason::Conflict => "another server is writable on the same timeline",
+            FenceReason::NotRecorded => "writable, but the store records another primary",
+        }
+    }
+}
+
+/// How the primary recorded in the store decides writes (with `[store]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreRule {
+    /// The store answers and records a primary: writes go only to that server, once it is
+    /// writable on the recorded timeline or newer.
+    Record,
+    /// The store does not answer: writes go only to the last primary it recorded, for as long as
+    /// pglb's checks find it writable on the recorded timeline or newer.
+    LastRecord,
+    /// The store answers and records no primary (no promoter has recorded one yet): pglb's own
+    /// rule (the newest timeline) decides.
+    NoRecord,
+    /// The store does not answer and pglb has never read a record from it: no writes.
+    #[default]
+    Unreachable,
+}
+
+impl StoreRule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreRule::Record => "record",
+            StoreRule::LastRecord => "last_record",
+            StoreRule::NoRecord => "no_record",
+            StoreRule::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// Why the store's rule leaves the write port without a primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WriteBlock {
+    /// The store does not answer and no record was ever read from it: any writable server could
+    /// be one the store does not record.
+    StoreUnreachable,
+    /// The recorded primary is not one of the configured backends.
+    NotConfigured { name: String },
+    /// The recorded primary fails its checks (or was never checked).
+    RecordedDown { name: String },
+    /// The recorded primary is still in recovery (a promotion under way).
+    RecordedInRecovery { name: String },
+    /// The recorded primary is writable on a timeline older than the record's.
+    RecordedBehind {
+        name: String,
+        timeline: u32,
+        recorded_timeline: u32,
+    },
+}
+
+impl std::fmt::Display for WriteBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteBlock::StoreUnreachable => {
+                f.write_str("the store does not answer and no primary was ever read from it")
+            }
+            WriteBlock::NotConfigured { name } => {
+                write!(f, "the store records {name}, which is not a configured backend")
+            }
+            WriteBlock::RecordedDown { name } => write!(f, "the recorded primary {name} is down"),
+            WriteBlock::RecordedInRecovery { name } => {
+                write!(f, "the recorded primary {name} is still in recovery")
+            }
+            WriteBlock::RecordedBehind {
+                name,
+                timeline,
+                recorded_timeline,
+            } => write!(
+                f,
+                "the recorded primary {name} is on timeline {timeline}, the store records {recorded_timeline}"
+            ),
+        }
+    }
+}
+
+/// The primary recorded in the store, as pglb last read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordView {
+    pub name: String,
+    pub timeline: u32,
+    pub epoch: u64,
+    /// The store's revision of the record.
+    pub revision: i64,
+}
+
+/// `[store]` as pglb follows it (present only with a store).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct StoreView {
+    /// "etcd".
+    pub kind: String,
+    /// Client URLs, without credentials.
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    /// Whether the store answered pglb's last read.
+    pub reachable: bool,
+    /// The recorded primary (the last one read while the store does not answer); null: none.
+    pub recorded: Option<RecordView>,
+    /// How writes are decided now.
+    pub rule: StoreRule,
+    /// Why the write port has no primary because of the store; null when it does not.
+    pub write_block: Option<WriteBlock>,
+    /// Seconds since the store last answered; null: never since start.
+    pub seconds_since_answer: Option<f64>,
+    /// Failed reads since start.
+    pub errors: u64,
+    /// The last failed read (kept after the store answers again).
+    pub last_error: Option<String>,
+    /// `connect`, `etcd`, `timeout`, `decode`, ...: the last error's kind.
+    pub last_error_kind: Option<String>,
+    /// When the store last answered (for `seconds_since_answer`).
+    #[serde(skip)]
+    pub last_answer: Option<Instant>,
+}
+
 /// What sessions need beyond the serialised state; present only in a published View.
 #[derive(Debug, Clone, Default)]
 pub struct Routing {
@@ -228,6 +377,9 @@ pub struct View {
     pub listen: Listen,
     /// Configured backends in config order, then removed ones still draining.
     pub backends: Vec<BackendView>,
+    /// The store pglb follows for writes; null without `[store]`.
+    #[serde(default)]
+    pub store: Option<StoreView>,
     #[serde(skip)]
     pub routing: Routing,
 }
@@ -336,6 +488,11 @@ impl View {
         v.sessions_waiting = self.routing.waiting.load(Ordering::Relaxed);
         if let Some(started) = self.routing.started {
             v.uptime_seconds = now.saturating_duration_since(started).as_secs_f64();
+        }
+        if let Some(st) = &mut v.store {
+            st.seconds_since_answer = st
+                .last_answer
+                .map(|t| now.saturating_duration_since(t).as_secs_f64());
         }
         for (b, h) in v.backends.iter_mut().zip(&self.routing.handles) {
             b.write = h.port_view(PortRole::Write);

@@ -31,8 +31,8 @@ pub enum Role {
     Unknown,
     Primary,
     Replica,
-    /// Writable but not to be used: a stale primary from before a promotion, or one of two
-    /// primaries on the same timeline.
+    /// Writable but not to be used: a stale primary from before a promotion, one of two
+    /// primaries on the same timeline, or (with `[store]`) a server the store does not record.
     Fenced,
 }
 

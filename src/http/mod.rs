@@ -214,7 +214,10 @@ async fn route(req: Request<Incoming>, ctx: Arc<StatsContext>) -> Result<Resp, I
                 None => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    "unavailable: no primary is known\n",
+                    match view.store.as_ref().and_then(|s| s.write_block.as_ref()) {
+                        Some(why) => format!("unavailable: {why}\n"),
+                        None => "unavailable: no primary is known\n".to_string(),
+                    },
                 ),
             }
         }
@@ -288,6 +291,28 @@ pub async fn serve(listener: TcpListener, ctx: Arc<StatsContext>, stop: Cancella
 /// Publishes the per-backend gauges and byte counters (kept as atomics on the hot path).
 fn export_metrics(v: &View) {
     gauge!(m::PRIMARY_KNOWN).set(if v.primary.is_some() { 1.0 } else { 0.0 });
+    if let Some(st) = &v.store {
+        gauge!(m::STORE_UP).set(if st.reachable { 1.0 } else { 0.0 });
+        if let Some(age) = st.seconds_since_answer {
+            gauge!(m::STORE_ANSWER_AGE_SECONDS).set(age);
+        }
+        use crate::view::StoreRule;
+        for rule in [
+            StoreRule::Record,
+            StoreRule::LastRecord,
+            StoreRule::NoRecord,
+            StoreRule::Unreachable,
+        ] {
+            gauge!(m::STORE_RULE, "rule" => rule.as_str()).set(if st.rule == rule {
+                1.0
+            } else {
+                0.0
+            });
+        }
+        if let Some(r) = &st.recorded {
+            gauge!(m::STORE_RECORDED_EPOCH).set(r.epoch as f64);
+        }
+    }
     for b in &v.backends {
         let name = b.name.clone();
         m::backend_zeros(&name);

@@ -9,6 +9,8 @@ struct Row {
     name: String,
     address: String,
     role: &'static str,
+    /// Why it is fenced, for people; empty otherwise.
+    fence_reason: &'static str,
     state: &'static str,
     condition: &'static str,
     admin: &'static str,
@@ -30,6 +32,53 @@ struct Row {
     error: String,
     takes_writes: bool,
     takes_reads: bool,
+}
+
+/// The store pglb follows for writes (`[store]`).
+struct StorePanel {
+    kind: String,
+    endpoints: String,
+    prefix: String,
+    reachable: bool,
+    rule: &'static str,
+    /// What the rule means right now, for people.
+    rule_text: String,
+    recorded: String,
+    write_block: Option<String>,
+    last_answer: String,
+    errors: u64,
+    last_error: Option<String>,
+}
+
+fn store_panel(st: &crate::view::StoreView) -> StorePanel {
+    use crate::view::StoreRule;
+    let rule_text = match st.rule {
+        StoreRule::Record => "writes go only to the recorded primary",
+        StoreRule::LastRecord => {
+            "store unreachable: writes go only to the last recorded primary while its checks confirm it"
+        }
+        StoreRule::NoRecord => "no primary recorded yet: pglb's own rule (newest timeline) decides",
+        StoreRule::Unreachable => "store unreachable and no primary ever read from it: no writes",
+    };
+    StorePanel {
+        kind: st.kind.clone(),
+        endpoints: st.endpoints.join(", "),
+        prefix: st.prefix.clone(),
+        reachable: st.reachable,
+        rule: st.rule.as_str(),
+        rule_text: rule_text.to_string(),
+        recorded: match &st.recorded {
+            Some(r) => format!("{} · timeline {} · epoch {}", r.name, r.timeline, r.epoch),
+            None => "none".into(),
+        },
+        write_block: st.write_block.as_ref().map(|b| b.to_string()),
+        last_answer: match st.seconds_since_answer {
+            Some(s) => format!("{} ago", duration(s)),
+            None => "never".into(),
+        },
+        errors: st.errors,
+        last_error: st.last_error.clone(),
+    }
 }
 
 /// What the promoter says of itself (its `/status`), when pglb is told where it is.
@@ -60,6 +109,7 @@ struct Page {
     waiting: u64,
     refresh_seconds: u32,
     promoter: Option<PromoterPanel>,
+    store: Option<StorePanel>,
     rows: Vec<Row>,
 }
 
@@ -99,6 +149,7 @@ fn row(b: &BackendView, takes_writes: bool, takes_reads: bool) -> Row {
         name: b.name.clone(),
         address: b.address.clone(),
         role: b.role.as_str(),
+        fence_reason: b.fence_reason.map_or("", |r| r.describe()),
         state: b.state.as_str(),
         condition: b.condition.as_str(),
         admin: b.admin_state.as_str(),
@@ -175,6 +226,7 @@ pub fn render(s: &View, waiting: u64, promoter: Option<PromoterPanel>) -> String
         waiting,
         refresh_seconds: 2,
         promoter,
+        store: s.store.as_ref().map(store_panel),
         rows,
     };
     page.render()
@@ -284,5 +336,42 @@ mod tests {
             "{html}"
         );
         assert!(html.contains("2 new sessions waiting"), "{html}");
+    }
+
+    #[test]
+    fn shows_the_store_and_why_a_backend_is_fenced() {
+        let mut v = snapshot();
+        v.backends[0].role = Role::Fenced;
+        v.backends[0].fence_reason = Some(crate::view::FenceReason::NotRecorded);
+        v.store = Some(crate::view::StoreView {
+            kind: "etcd".into(),
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/pglb/main".into(),
+            reachable: false,
+            recorded: Some(crate::view::RecordView {
+                name: "pg-0".into(),
+                timeline: 3,
+                epoch: 2,
+                revision: 9,
+            }),
+            rule: crate::view::StoreRule::LastRecord,
+            write_block: Some(crate::view::WriteBlock::RecordedDown {
+                name: "pg-0".into(),
+            }),
+            seconds_since_answer: Some(12.0),
+            errors: 4,
+            last_error: Some("etcd get on /pglb/main/primary: no answer".into()),
+            last_error_kind: Some("timeout".into()),
+            last_answer: None,
+        });
+        let html = render(&v, 0, None);
+        assert!(html.contains("unreachable"), "{html}");
+        assert!(html.contains("pg-0 · timeline 3 · epoch 2"), "{html}");
+        assert!(html.contains("last_record"), "{html}");
+        assert!(html.contains("the recorded primary pg-0 is down"), "{html}");
+        assert!(html.contains("12s ago"), "{html}");
+        assert!(html.contains("the store records another primary"), "{html}");
+        // Without a store, no store section.
+        assert!(!render(&snapshot(), 0, None).contains("recorded primary"));
     }
 }

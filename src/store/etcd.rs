@@ -873,6 +873,7 @@ impl PrimaryFollower {
                             Ok(r) => (Some(r), kv.mod_revision()),
                             Err(e) => {
                                 tracing::warn!(error = %e, "recorded primary unreadable; keeping the last one");
+                                self.failed(&e);
                                 let cur = self.tx.borrow();
                                 (cur.record.clone(), cur.revision)
                             }
@@ -893,6 +894,7 @@ impl PrimaryFollower {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "store unreachable; keeping the last recorded primary");
+                    self.failed(&e);
                     let (record, rev) = {
                         let cur = self.tx.borrow();
                         (cur.record.clone(), cur.revision)
@@ -944,6 +946,14 @@ impl PrimaryFollower {
                 }
             }
         }
+    }
+
+    /// Counts a failed read (every receiver is woken: the count is part of the state).
+    fn failed(&self, e: &StoreError) {
+        self.tx.send_modify(|cur| {
+            cur.errors += 1;
+            cur.last_error = Some(e.into());
+        });
     }
 
     fn update(

@@ -73,8 +73,8 @@ pub trait Store: Send + Sync + 'static {
     /// The recorded primary, read from the store (a linearizable read).
     fn primary(&self) -> impl Future<Output = Result<Option<PrimaryRecord>, StoreError>> + Send;
 
-    /// Follows the recorded primary: the receiver always holds the latest record seen and whether
-    /// the store answered lately. Runs until every receiver is dropped or the store is.
+    /// Follows the recorded primary: the receiver always holds the latest record seen, whether
+    /// the store answered lately and its failed reads. Runs until every receiver is dropped or the store is.
     fn watch_primary(&self) -> watch::Receiver<PrimaryState>;
 
     /// Journals a failover step before it is taken, guarded like `record_primary`. Recording the
@@ -309,6 +309,35 @@ pub struct PrimaryState {
     pub reachable: bool,
     /// When the store last answered (`None`: never).
     pub last_contact: Option<Instant>,
+    /// Failed reads since the follower started.
+    pub errors: u64,
+    /// The last failed read (kept after the store answers again).
+    pub last_error: Option<StoreFailure>,
+}
+
+/// A failed store request as a follower reports it: `StoreError` itself does not clone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreFailure {
+    /// `StoreError::kind()`: a stable label for metrics.
+    pub kind: &'static str,
+    /// The error with its causes, for people.
+    pub message: String,
+}
+
+impl From<&StoreError> for StoreFailure {
+    fn from(e: &StoreError) -> Self {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        StoreFailure {
+            kind: e.kind(),
+            message,
+        }
+    }
 }
 
 /// One journalled step of a failover, recorded before it is taken.

@@ -979,6 +979,8 @@ pub struct PglbBuilder {
     read: toml::Table,
     proxy: toml::Table,
     stats: toml::Table,
+    /// `[store]`, also set with `set("store", key, value)`.
+    store: toml::Table,
     backends: Vec<BackendSpec>,
     check_password: String,
     args: Vec<String>,
@@ -1020,6 +1022,7 @@ impl PglbBuilder {
                 ("close_on_writer_change", true.into()),
             ]),
             stats: toml::Table::new(),
+            store: toml::Table::new(),
             backends,
             check_password: CHECK_PASSWORD.to_string(),
             args: Vec::new(),
@@ -1034,6 +1037,7 @@ impl PglbBuilder {
             "read" => &mut self.read,
             "proxy" => &mut self.proxy,
             "stats" => &mut self.stats,
+            "store" => &mut self.store,
             other => panic!("unknown config section [{other}] in test"),
         }
     }
@@ -1094,6 +1098,9 @@ impl PglbBuilder {
         root.insert("proxy".into(), toml::Value::Table(self.proxy.clone()));
         if !self.stats.is_empty() {
             root.insert("stats".into(), toml::Value::Table(self.stats.clone()));
+        }
+        if !self.store.is_empty() {
+            root.insert("store".into(), toml::Value::Table(self.store.clone()));
         }
         let backends = self
             .backends
