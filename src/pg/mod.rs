@@ -16,6 +16,9 @@ const CANCEL_REQUEST_CODE: u32 = 80_877_102;
 const SSL_REQUEST_CODE: u32 = 80_877_103;
 const GSSENC_REQUEST_CODE: u32 = 80_877_104;
 
+/// An SSLRequest packet, as a client sends it first to ask for TLS.
+pub const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
 /// What the client's first packet is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirstPacket {
