@@ -111,3 +111,82 @@ async fn a_wrong_ca_marks_backends_down_with_kind_tls() {
     );
     assert!(s.primary.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_promoter_fails_over_a_hostssl_only_cluster_and_rejoins_the_old_primary() {
+    use common::promoter::*;
+    let tc = TlsCluster::start(2, true);
+    let cluster = &tc.cluster;
+    let ca = path(&tc.ca.cert);
+    let lb = Pglb::builder(cluster)
+        .backends(tc.backends_by_name())
+        .set("check", "sslmode", "verify-full")
+        .set("check", "sslrootcert", ca.as_str())
+        .start();
+    lb.wait_ready().await;
+    let promoter = PromoterBuilder::new()
+        .set("sslmode", "verify-full")
+        .set("sslrootcert", ca.as_str())
+        .start(&lb);
+    promoter.wait_steady("pg-0", T).await;
+    psql_tcp(lb.write, "require", "create table t (id int)").unwrap();
+
+    kill9(cluster.node(0));
+    let s = promoter
+        .wait_status(T, "a promotion", |s| {
+            s["last_failover"]["outcome"] == "promoted"
+        })
+        .await;
+    let new_name = s["last_failover"]["to"].as_str().unwrap().to_string();
+    let new = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.name() == new_name)
+        .unwrap();
+    let other = cluster
+        .replicas()
+        .iter()
+        .find(|n| n.name() != new_name)
+        .unwrap();
+    // Re-pointed with the promoter's TLS settings; hostssl-only, so it streams over TLS.
+    wait_until(
+        T,
+        &format!("{} streaming from {new_name}", other.name()),
+        || streams_to(new, other.name()),
+    )
+    .await;
+    let conninfo = other.exec("SHOW primary_conninfo");
+    assert!(
+        conninfo.contains("sslmode=verify-full") && conninfo.contains(&format!("sslrootcert={ca}")),
+        "{conninfo}"
+    );
+    assert_eq!(
+        new.exec(&format!(
+            "SELECT ssl FROM pg_stat_ssl JOIN pg_stat_replication USING (pid) WHERE application_name = '{}'",
+            other.name()
+        )),
+        "t"
+    );
+    lb.wait_stats(T, "pglb routing writes to the new primary", |s| {
+        s.primary.as_deref() == Some(new_name.as_str())
+    })
+    .await;
+    psql_tcp(lb.write, "require", "insert into t values (1)").unwrap();
+
+    // The old primary comes back and is rewound over TLS from the new one.
+    let p0 = cluster.node(0);
+    restart_after_kill(p0);
+    promoter
+        .wait_status(T, "pg-0 fenced", |s| {
+            s["fenced"] == serde_json::json!(["pg-0"])
+        })
+        .await;
+    let out = rejoin(&promoter, p0).await;
+    assert!(out.contains("\"started\":true"), "{out}");
+    assert!(p0.in_recovery());
+    assert!(streams_to(new, "pg-0"));
+    wait_until(T, "pg-0 to have the row written after the failover", || {
+        p0.try_exec("SELECT count(*) FROM t").as_deref() == Ok("1")
+    })
+    .await;
+}
