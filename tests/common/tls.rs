@@ -122,10 +122,15 @@ impl TestCa {
 }
 
 /// TCP logins only over TLS; the harness's superuser keeps its unix socket.
+/// `pglb_cert` logs in with a client certificate signed by the CA (CN = user name).
 const HBA_SSL_ONLY: &str = "local all all trust\n\
     local replication all trust\n\
     hostssl replication replicator 127.0.0.1/32 scram-sha-256\n\
+    hostssl all pglb_cert 127.0.0.1/32 cert\n\
     hostssl all all 127.0.0.1/32 scram-sha-256\n";
+
+/// The role that logs in with a client certificate (member of pg_monitor, no password).
+pub const CERT_USER: &str = "pglb_cert";
 
 /// A cluster whose servers accept TCP logins only over TLS, with the CA that signed their
 /// certificate (and a second CA that did not). `rewind`: with what pg_rewind needs and a
@@ -150,20 +155,24 @@ impl TlsCluster {
 
         let mut primary = PgNode::init("pg-0", dir.path(), &crt, &key);
         fs::write(primary.data.join("pg_hba.conf"), HBA_SSL_ONLY).expect("write pg_hba.conf");
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(primary.data.join("postgresql.conf"))
+            .expect("open postgresql.conf");
+        // Client certificates are checked against the test CA.
+        writeln!(conf, "ssl_ca_file = '{}'", ca.cert.display()).expect("write postgresql.conf");
         if rewind {
-            let mut conf = fs::OpenOptions::new()
-                .append(true)
-                .open(primary.data.join("postgresql.conf"))
-                .expect("open postgresql.conf");
             conf.write_all(super::promoter::REWIND_CONF.as_bytes())
                 .expect("write postgresql.conf");
         }
+        drop(conf);
         primary.start_on_new_port();
         primary.exec(&format!(
             "CREATE ROLE {CHECK_USER} LOGIN PASSWORD '{CHECK_PASSWORD}' IN ROLE pg_monitor; \
              CREATE ROLE {APP_USER} LOGIN PASSWORD '{}'; \
              CREATE ROLE {REPL_USER} LOGIN REPLICATION PASSWORD '{REPL_PASSWORD}'; \
              GRANT CREATE ON SCHEMA public TO {APP_USER}; \
+             CREATE ROLE {CERT_USER} LOGIN IN ROLE pg_monitor; \
              ALTER ROLE postgres PASSWORD '{}';",
             super::APP_PASSWORD,
             super::promoter::PROMOTER_PASSWORD,
