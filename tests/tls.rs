@@ -555,4 +555,22 @@ async fn a_direct_tls_client_is_routed_by_port_and_completes_tls_with_the_server
     let s = lb.stats().unwrap();
     let b = s.backend("pg-0");
     assert_eq!((b.write.sessions_total, b.read.sessions_total), (1, 1));
+
+    drop(lb);
+
+    // PostgreSQL 15 itself closes a direct-TLS connection without a byte: the session is
+    // refused like one with no backend (here with pglb's certificate: its FATAL inside TLS),
+    // and the server stays up.
+    let (pglb_crt, pglb_key) = ca.issue("pglb", "localhost", "DNS:localhost");
+    let lb = Pglb::builder(&cluster)
+        .set("listen", "tls_cert", path(&pglb_crt))
+        .set("listen", "tls_key", path(&pglb_key))
+        .start();
+    lb.wait_ready().await;
+    let tls = direct_tls_client(lb.write, &ca.cert).await.unwrap();
+    let err = login(tls)
+        .await
+        .expect_err("PostgreSQL 15 takes no direct TLS");
+    assert_eq!(sqlstate(&err), Some("57P03"), "{err:?}");
+    assert_eq!(lb.stats().unwrap().backend("pg-0").state, "up");
 }

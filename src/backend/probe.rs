@@ -85,7 +85,7 @@ pub enum ProbeError {
     Protocol(String),
     /// TLS to the server failed: a certificate the verifier refused (its reason), a server
     /// that declines TLS under `sslmode=require`, no common protocol.
-    #[error("tls: {0}")]
+    #[error("{0}")]
     Tls(#[source] Arc<crate::tls::TlsError>),
     /// pglb could not open the check's connection (out of descriptors, ...): not the backend's
     /// fault, so it does not count as a failed check.

@@ -337,6 +337,9 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]
         freed.as_mut().enable();
         let view = ctx.control.view();
         let mut full: Option<(String, u64)> = None;
+        // A server closed a direct-TLS connection without a byte: before PostgreSQL 17 servers
+        // do not accept direct TLS, and waiting for another answer would not change that.
+        let mut no_direct_tls = false;
         for t in view.candidates(port, &ctx.rr) {
             let Some(mut slot) = t.handle.try_reserve(port, t.view.maxconn, &ctx.waiters) else {
                 full.get_or_insert((t.view.name.clone(), t.view.maxconn));
@@ -353,6 +356,14 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]
                         .fetch_add(first.len() as u64, Ordering::Relaxed);
                     return Choice::Connected(slot, s, answer);
                 }
+                Err(ConnectError::Io(e))
+                    if first.first() == Some(&pg::TLS_HANDSHAKE)
+                        && e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    warn!(backend = %b.name, %address, "backend closed a direct-TLS connection without answering (PostgreSQL before 17 does not accept direct TLS)");
+                    m::backend_connect_failed(&b.name, "io");
+                    no_direct_tls = true;
+                }
                 Err(e) => {
                     warn!(backend = %b.name, %address, reason = %e, "backend connect failed, trying the next candidate");
                     m::backend_connect_failed(&b.name, e.kind());
@@ -366,6 +377,9 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]
             }
         }
         drop(view);
+        if no_direct_tls && full.is_none() {
+            return Choice::NoBackend;
+        }
         let Some((backend, maxconn)) = full else {
             // No backend for this port right now (a failover in progress, every candidate
             // refusing): wait for one, up to wait_for_backend, instead of failing the client.
