@@ -1,5 +1,9 @@
-//! TLS against real PostgreSQL servers whose `pg_hba.conf` has only `hostssl` lines: pglb's
-//! checks and the promoter with libpq's `sslmode`s (a test CA made with openssl at test time).
+//! TLS against real PostgreSQL servers: checks and the promoter with libpq's `sslmode`s on
+//! servers whose `pg_hba.conf` has only `hostssl` lines (a test CA made with openssl at test
+//! time), client certificates, protocol 3.2 startups and cancel keys, direct TLS through pglb,
+//! and pglb's own FATAL to clients that require TLS, with and without `[listen] tls_cert`.
+//!
+//! Run: `cargo nextest run --test tls` (or `cargo test --test tls`).
 
 mod common;
 
