@@ -17,6 +17,7 @@
 //! - `signals`: SIGTERM/SIGINT/SIGHUP.
 //! - `store`: the consensus store (etcd) that elects one acting promoter and records the primary.
 //! - `telemetry`: logging set-up shared by both binaries.
+//! - `tls`: TLS pglb speaks itself: to the servers (checks, promoter) and its own certificate.
 //! - `app`: wiring, lifecycle and graceful shutdown.
 
 #![forbid(unsafe_code)]
@@ -37,4 +38,5 @@ pub mod routing;
 pub mod signals;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod view;

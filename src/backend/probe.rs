@@ -9,6 +9,8 @@ use std::sync::Arc;
 use tokio_postgres::error::{DbError, SqlState};
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
+use crate::tls::{ClientTls, NegotiateError};
+
 use super::net::{connect_tcp, ConnectError};
 use crate::config::CheckConfig;
 use crate::pg::Lsn;
@@ -81,6 +83,10 @@ pub enum ProbeError {
     Server(#[source] Arc<DbError>),
     #[error("unexpected check result: {0}")]
     Protocol(String),
+    /// TLS to the server failed: a certificate the verifier refused (its reason), a server
+    /// that declines TLS under `sslmode=require`, no common protocol.
+    #[error("{0}")]
+    Tls(#[source] Arc<crate::tls::TlsError>),
     /// pglb could not open the check's connection (out of descriptors, ...): not the backend's
     /// fault, so it does not count as a failed check.
     #[error("pglb cannot open a connection: {0}")]
@@ -101,6 +107,7 @@ impl ProbeError {
             ProbeError::Server(e) if *e.code() == SqlState::TOO_MANY_CONNECTIONS => "full",
             ProbeError::Server(_) => "server",
             ProbeError::Protocol(_) => "protocol",
+            ProbeError::Tls(_) => "tls",
             ProbeError::Local(_) => "local",
         }
     }
@@ -191,8 +198,17 @@ pub struct CheckSession {
     kept: Option<(tokio_postgres::Client, Instant)>,
     /// What the kept connection logged in to and as: a reload that changes any of it (a new
     /// address, user, password or database) means a fresh login at the next check.
-    login: Option<(String, String, Option<crate::config::Secret>, String)>,
+    login: Option<LoginKey>,
 }
+
+/// Address, user, password, database and TLS settings of a login.
+type LoginKey = (
+    String,
+    String,
+    Option<crate::config::Secret>,
+    String,
+    ClientTls,
+);
 
 /// What one check found.
 #[derive(Debug)]
@@ -213,6 +229,7 @@ impl CheckSession {
             check.user.clone(),
             check.password.clone(),
             check.database.clone(),
+            check.tls.clone(),
         );
         if self.login.as_ref() != Some(&login_key) {
             self.kept = None;
@@ -287,7 +304,6 @@ pub async fn login(
     check: &CheckConfig,
     application_name: &str,
 ) -> Result<tokio_postgres::Client, ProbeError> {
-    let stream = connect_tcp(address, check.timeout).await?;
     let mut cfg = tokio_postgres::Config::new();
     cfg.user(&check.user)
         .dbname(&check.database)
@@ -295,11 +311,36 @@ pub async fn login(
     if let Some(pw) = &check.password {
         cfg.password(pw.expose());
     }
-    let has_pw = check.password.is_some();
+    connect(
+        address,
+        &cfg,
+        &check.tls,
+        check.timeout,
+        check.password.is_some(),
+    )
+    .await
+}
+
+/// Connects to `address`, negotiates TLS as `tls` says and logs in with `cfg` (checks and the
+/// promoter). The connection task ends when the client is dropped.
+pub async fn connect(
+    address: &str,
+    cfg: &tokio_postgres::Config,
+    tls: &ClientTls,
+    timeout: std::time::Duration,
+    password_configured: bool,
+) -> Result<tokio_postgres::Client, ProbeError> {
+    let stream = connect_tcp(address, timeout).await?;
+    let host = address.rsplit_once(':').map(|(h, _)| h).unwrap_or(address);
+    let stream = tls.negotiate(stream, host).await.map_err(|e| match e {
+        NegotiateError::Io(e) => ProbeError::Io(Arc::new(e)),
+        NegotiateError::Tls(e) => ProbeError::Tls(Arc::new(e)),
+    })?;
+    // TLS, if any, is already up: tokio-postgres speaks the protocol inside it.
     let (client, connection) = cfg
         .connect_raw(stream, NoTls)
         .await
-        .map_err(|e| classify(e, has_pw))?;
+        .map_err(|e| classify(e, password_configured))?;
     tokio::spawn(connection);
     Ok(client)
 }

@@ -37,6 +37,10 @@ pub struct FileListen {
     pub read: Spanned<String>,
     #[serde(default = "default_stats")]
     pub stats: Spanned<String>,
+    /// pglb's own certificate and key (PEM), for the FATAL it sends inside TLS to a client that
+    /// asked for TLS when no backend can take its session.
+    pub tls_cert: Option<Spanned<String>>,
+    pub tls_key: Option<Spanned<String>>,
 }
 
 impl Default for FileListen {
@@ -45,6 +49,8 @@ impl Default for FileListen {
             write: default_write(),
             read: default_read(),
             stats: default_stats(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -96,6 +102,11 @@ pub struct FileCheck {
     pub password: Option<Spanned<String>>,
     #[serde(default = "default_database")]
     pub database: String,
+    /// libpq's TLS settings: `sslmode` (default prefer), `sslrootcert`, `sslcert` + `sslkey`.
+    pub sslmode: Option<Spanned<crate::tls::SslMode>>,
+    pub sslrootcert: Option<Spanned<String>>,
+    pub sslcert: Option<Spanned<String>>,
+    pub sslkey: Option<Spanned<String>>,
 }
 
 /// A humantime duration that must be greater than zero (reported at the key's own line).
@@ -380,6 +391,11 @@ pub struct FilePromoter {
     /// Where the promoter serves its own state (`/status`, `/metrics`). Default "0.0.0.0:8405".
     #[serde(default = "default_promoter_listen")]
     pub listen: String,
+    /// libpq's TLS settings: `sslmode` (default prefer), `sslrootcert`, `sslcert` + `sslkey`.
+    pub sslmode: Option<Spanned<crate::tls::SslMode>>,
+    pub sslrootcert: Option<Spanned<String>>,
+    pub sslcert: Option<Spanned<String>>,
+    pub sslkey: Option<Spanned<String>>,
 }
 
 /// A string or an array of strings (`pglb_url = "http://a:8404"` or `["http://a:8404", ...]`).

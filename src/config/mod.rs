@@ -17,6 +17,8 @@ pub use file::{Balance, StoreKind};
 use serde::{Serialize, Serializer};
 use toml::Spanned;
 
+use crate::tls::{ClientTls, ServerTls, SslMode, TlsFileError};
+
 /// A secret read from an env var or a file. Never printed: `Debug` and `Display` redact it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -187,6 +189,10 @@ pub struct PromoterConfig {
     #[serde(skip)]
     pub secrets_at: [Option<String>; 2],
     pub listen: String,
+    /// TLS of the promoter's own connections; `sslmode` and `sslrootcert` also go into the
+    /// `primary_conninfo` of re-pointed replicas and rejoin's pg_rewind source.
+    #[serde(flatten)]
+    pub tls: ClientTls,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -194,6 +200,10 @@ pub struct ListenConfig {
     pub write: SocketAddr,
     pub read: SocketAddr,
     pub stats: SocketAddr,
+    /// `tls_cert` + `tls_key`: pglb's own certificate, only for sending its FATAL inside TLS
+    /// to a client that asked for TLS when no backend can take the session.
+    #[serde(flatten)]
+    pub tls: Option<ServerTls>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -220,6 +230,9 @@ pub struct CheckConfig {
     #[serde(rename = "password_from", serialize_with = "source")]
     pub password_source: Option<SecretSource>,
     pub database: String,
+    /// `sslmode`, `sslrootcert`, `sslcert`, `sslkey` as libpq (default: prefer, no files).
+    #[serde(flatten)]
+    pub tls: ClientTls,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -460,6 +473,9 @@ impl Validator<'_> {
         }
         let (password, password_source) =
             self.secret(&c.password_env, &c.password_file, "check.password")?;
+        let check_tls =
+            self.client_tls("check", &c.sslmode, &c.sslrootcert, &c.sslcert, &c.sslkey)?;
+        let listen_tls = self.server_tls(&raw.listen.tls_cert, &raw.listen.tls_key)?;
         let promoter = match &raw.promoter {
             None => None,
             Some(p) => {
@@ -520,6 +536,13 @@ impl Validator<'_> {
                         }
                     },
                     listen: p.listen.clone(),
+                    tls: self.client_tls(
+                        "promoter",
+                        &p.sslmode,
+                        &p.sslrootcert,
+                        &p.sslcert,
+                        &p.sslkey,
+                    )?,
                 })
             }
         };
@@ -629,7 +652,12 @@ impl Validator<'_> {
         Ok(Config {
             path: self.path.to_path_buf(),
             missing_secrets: Vec::new(),
-            listen: ListenConfig { write, read, stats },
+            listen: ListenConfig {
+                write,
+                read,
+                stats,
+                tls: listen_tls,
+            },
             check: CheckConfig {
                 interval: c.interval,
                 timeout: c.timeout,
@@ -641,6 +669,7 @@ impl Validator<'_> {
                 password,
                 password_source,
                 database: c.database.clone(),
+                tls: check_tls,
             },
             read: ReadConfig {
                 balance: raw.read.balance,
@@ -845,6 +874,112 @@ impl Validator<'_> {
             password_source,
             tls,
         })
+    }
+
+    /// `[check]`'s or `[promoter]`'s TLS: the combinations libpq allows, the files read and
+    /// parsed now (errors at the key naming the file).
+    fn client_tls(
+        &self,
+        section: &str,
+        sslmode: &Option<Spanned<SslMode>>,
+        sslrootcert: &Option<Spanned<String>>,
+        sslcert: &Option<Spanned<String>>,
+        sslkey: &Option<Spanned<String>>,
+    ) -> Result<ClientTls, ConfigError> {
+        let mode = sslmode.as_ref().map(|m| *m.get_ref()).unwrap_or_default();
+        if let (Some(m), None) = (sslmode, sslrootcert) {
+            if mode.verifies() {
+                return Err(self.invalid(
+                    m,
+                    &format!("{section}.sslmode"),
+                    format!(
+                        "sslmode \"{}\" needs sslrootcert (the CA certificate file, PEM)",
+                        mode.as_str()
+                    ),
+                ));
+            }
+        }
+        match (sslcert, sslkey) {
+            (Some(c), None) => {
+                return Err(self.invalid(c, &format!("{section}.sslcert"), "sslcert needs sslkey"))
+            }
+            (None, Some(k)) => {
+                return Err(self.invalid(k, &format!("{section}.sslkey"), "sslkey needs sslcert"))
+            }
+            _ => {}
+        }
+        let path = |v: &Option<Spanned<String>>| v.as_ref().map(|p| PathBuf::from(p.get_ref()));
+        ClientTls::new(mode, path(sslrootcert), path(sslcert), path(sslkey)).map_err(|e| {
+            self.tls_file_error(
+                e,
+                section,
+                &[
+                    ("sslrootcert", sslrootcert),
+                    ("sslcert", sslcert),
+                    ("sslkey", sslkey),
+                ],
+            )
+        })
+    }
+
+    /// `[listen] tls_cert` + `tls_key`, read and parsed now.
+    fn server_tls(
+        &self,
+        cert: &Option<Spanned<String>>,
+        key: &Option<Spanned<String>>,
+    ) -> Result<Option<ServerTls>, ConfigError> {
+        match (cert, key) {
+            (None, None) => Ok(None),
+            (Some(c), None) => Err(self.invalid(c, "listen.tls_cert", "tls_cert needs tls_key")),
+            (None, Some(k)) => Err(self.invalid(k, "listen.tls_key", "tls_key needs tls_cert")),
+            (Some(c), Some(k)) => {
+                ServerTls::new(PathBuf::from(c.get_ref()), PathBuf::from(k.get_ref()))
+                    .map(Some)
+                    .map_err(|e| {
+                        self.tls_file_error(
+                            e,
+                            "listen",
+                            &[
+                                ("tls_cert", &Some(c.clone())),
+                                ("tls_key", &Some(k.clone())),
+                            ],
+                        )
+                    })
+            }
+        }
+    }
+
+    /// A TLS file error at the key naming that file (the certificate's key when the pair is
+    /// the trouble).
+    fn tls_file_error(
+        &self,
+        e: TlsFileError,
+        section: &str,
+        keys: &[(&str, &Option<Spanned<String>>)],
+    ) -> ConfigError {
+        let path = match &e {
+            TlsFileError::Read { path, .. }
+            | TlsFileError::NoCertificate { path }
+            | TlsFileError::NoKey { path }
+            | TlsFileError::BadCertificate { path, .. } => Some(path.clone()),
+            TlsFileError::Pair(_) => None,
+        };
+        let at = keys
+            .iter()
+            .find(|(_, v)| {
+                v.as_ref()
+                    .is_some_and(|v| Some(PathBuf::from(v.get_ref())) == path)
+            })
+            .or_else(|| keys.iter().rev().find(|(_, v)| v.is_some()));
+        match at {
+            Some((key, Some(v))) => self.invalid(v, &format!("{section}.{key}"), e.to_string()),
+            _ => ConfigError::Invalid {
+                path: self.path.to_path_buf(),
+                line: 0,
+                key: section.to_string(),
+                message: e.to_string(),
+            },
+        }
     }
 
     /// Resolves a secret given as `<key>_env` or `<key>_file`; none means no password (trust).
@@ -1229,6 +1364,70 @@ address = "127.0.0.1:5432"
             .unwrap_err()
             .to_string();
         assert!(e.contains("use https://"), "{e}");
+    }
+
+    #[test]
+    fn check_tls_takes_libpq_names_and_checks_files() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.check.tls.sslmode, SslMode::Prefer);
+        let with = |extra: &str| MIN.replace("[check]", &format!("[check]\n{extra}"));
+        let src = with("sslmode = \"verify-full\"");
+        let e = parse(&src).unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:8: key `check.sslmode`"), "{e}");
+        assert!(e.contains("needs sslrootcert"), "{e}");
+        let e = parse(&with("sslmode = \"verify-everything\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("check.sslmode") && e.contains("verify-full"),
+            "{e}"
+        );
+        let e = parse(&with(
+            "sslmode = \"verify-ca\"\nsslrootcert = \"/nonexistent/ca.crt\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("lb.toml:9: key `check.sslrootcert`"), "{e}");
+        assert!(e.contains("cannot read /nonexistent/ca.crt"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let e = parse(&with(&format!("sslrootcert = \"{}\"", junk.display())))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("check.sslrootcert") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        let e = parse(&with(&format!("sslcert = \"{}\"", junk.display())))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslcert needs sslkey"), "{e}");
+        let e = parse(&format!(
+            "{MIN}\n[promoter]\nsslmode = \"require\"\nsslkey = \"{}\"\nsslcert = \"{}\"\n",
+            junk.display(),
+            junk.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("promoter.sslcert"), "{e}");
+        let c = parse(&with("sslmode = \"require\"")).unwrap();
+        assert_eq!(c.check.tls.sslmode, SslMode::Require);
+        assert!(
+            c.describe().contains("sslmode = \"require\""),
+            "{}",
+            c.describe()
+        );
+        let e = parse(&MIN.replace(
+            "[listen]",
+            &format!("[listen]\ntls_cert = \"{}\"", junk.display()),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("listen.tls_cert") && e.contains("needs tls_key"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! PostgreSQL wire-protocol bits that pglb needs and nothing more: recognising the first packet a
-//! client sends (StartupMessage, SSLRequest, GSSENCRequest, CancelRequest) and writing an
-//! `ErrorResponse`. Everything after the first packet is spliced unread by `proxy`.
+//! client sends (StartupMessage, SSLRequest, GSSENCRequest, CancelRequest with protocol 3.2's
+//! longer keys, or a TLS ClientHello for direct TLS) and writing an `ErrorResponse`. Everything
+//! after the first packet is spliced unread by `proxy`.
 
 mod lsn;
 
@@ -16,6 +17,9 @@ const CANCEL_REQUEST_CODE: u32 = 80_877_102;
 const SSL_REQUEST_CODE: u32 = 80_877_103;
 const GSSENC_REQUEST_CODE: u32 = 80_877_104;
 
+/// An SSLRequest packet, as a client sends it first to ask for TLS.
+pub const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
 /// What the client's first packet is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirstPacket {
@@ -27,10 +31,16 @@ pub enum FirstPacket {
     },
     SslRequest,
     GssEncRequest,
-    /// Body of a CancelRequest: the backend PID and secret key, forwarded verbatim.
+    /// Body of a CancelRequest: the backend PID and secret key, forwarded verbatim. The key is
+    /// 4 bytes in protocol 3.0 and up to 256 in 3.2 (PostgreSQL 18).
     CancelRequest {
         pid: u32,
-        key: u32,
+        key: Vec<u8>,
+    },
+    /// A TLS record holding a ClientHello: direct TLS (libpq 17+ `sslnegotiation=direct`), no
+    /// SSLRequest first. `sni` is the server name the client asked for, for logs only.
+    DirectTls {
+        sni: Option<String>,
     },
 }
 
@@ -41,6 +51,7 @@ impl FirstPacket {
             FirstPacket::SslRequest => "ssl_request",
             FirstPacket::GssEncRequest => "gssenc_request",
             FirstPacket::CancelRequest { .. } => "cancel_request",
+            FirstPacket::DirectTls { .. } => "direct_tls",
         }
     }
 }
@@ -66,6 +77,28 @@ impl PacketError {
     }
 }
 
+/// Longest cancel key pglb forwards (protocol 3.2 allows up to 256 bytes).
+pub const MAX_CANCEL_KEY_LENGTH: usize = 256;
+
+/// First byte of a TLS handshake record: a ClientHello sent without an SSLRequest. No
+/// PostgreSQL packet starts with it (its length would be over 369 MB).
+pub const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Longest TLS record pglb reads as a first packet (2^14 bytes of plaintext, RFC 8446 5.1).
+pub const MAX_TLS_RECORD_LENGTH: usize = 16_384;
+
+/// Reads a TLS record header (type, version, length): how many bytes the whole record has.
+pub fn tls_record_length(header: [u8; 5]) -> Result<usize, PacketError> {
+    if header[0] != TLS_HANDSHAKE || header[1] != 3 {
+        return Err(PacketError::Malformed("TLS record"));
+    }
+    let len = u16::from_be_bytes([header[3], header[4]]) as usize;
+    if len == 0 || len > MAX_TLS_RECORD_LENGTH {
+        return Err(PacketError::BadLength(len as i64));
+    }
+    Ok(5 + len)
+}
+
 /// Reads the 4-byte length prefix: how many bytes the whole packet has, or why not.
 pub fn packet_length(header: [u8; 4]) -> Result<usize, PacketError> {
     let len = i32::from_be_bytes(header) as i64;
@@ -77,6 +110,9 @@ pub fn packet_length(header: [u8; 4]) -> Result<usize, PacketError> {
 
 /// Parses a complete first packet (length prefix included).
 pub fn parse_first_packet(packet: &[u8]) -> Result<FirstPacket, PacketError> {
+    if packet.first() == Some(&TLS_HANDSHAKE) {
+        return parse_client_hello(packet);
+    }
     if packet.len() < 8 {
         return Err(PacketError::BadLength(packet.len() as i64));
     }
@@ -92,12 +128,12 @@ pub fn parse_first_packet(packet: &[u8]) -> Result<FirstPacket, PacketError> {
         SSL_REQUEST_CODE => Err(PacketError::Malformed("SSLRequest")),
         GSSENC_REQUEST_CODE => Err(PacketError::Malformed("GSSENCRequest")),
         CANCEL_REQUEST_CODE => {
-            if body.len() != 8 {
+            if !(8..=4 + MAX_CANCEL_KEY_LENGTH).contains(&body.len()) {
                 return Err(PacketError::Malformed("CancelRequest"));
             }
             Ok(FirstPacket::CancelRequest {
                 pid: u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
-                key: u32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+                key: body[4..].to_vec(),
             })
         }
         _ => {
@@ -152,14 +188,92 @@ fn startup_params(body: &[u8]) -> Result<(Option<String>, Option<String>), Packe
     Ok((user, database))
 }
 
-/// A CancelRequest packet for the given key, to send to a backend.
-pub fn cancel_request(pid: u32, key: u32) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[0..4].copy_from_slice(&16u32.to_be_bytes());
-    out[4..8].copy_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
-    out[8..12].copy_from_slice(&pid.to_be_bytes());
-    out[12..16].copy_from_slice(&key.to_be_bytes());
+/// A CancelRequest packet for the given key (4 to 256 bytes), to send to a backend.
+pub fn cancel_request(pid: u32, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + key.len());
+    out.extend_from_slice(&(12 + key.len() as u32).to_be_bytes());
+    out.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+    out.extend_from_slice(&pid.to_be_bytes());
+    out.extend_from_slice(key);
     out
+}
+
+/// A whole TLS record that must hold the start of a ClientHello; the server name (SNI) is read
+/// when the record holds that far. Every read is bounded: garbage is refused or has no name,
+/// never a panic.
+fn parse_client_hello(record: &[u8]) -> Result<FirstPacket, PacketError> {
+    let header: [u8; 5] = record
+        .get(..5)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(PacketError::Malformed("TLS record"))?;
+    let len = tls_record_length(header)?;
+    if len != record.len() {
+        return Err(PacketError::BadLength(record.len() as i64));
+    }
+    let hello = &record[5..];
+    // Handshake type 1: ClientHello.
+    if hello.first() != Some(&1) {
+        return Err(PacketError::Malformed("TLS ClientHello"));
+    }
+    Ok(FirstPacket::DirectTls {
+        sni: server_name_indication(hello),
+    })
+}
+
+/// The host_name in a ClientHello's server_name extension (RFC 6066), if the bytes hold one.
+fn server_name_indication(hello: &[u8]) -> Option<String> {
+    let mut r = Reader(hello);
+    r.take(4)?; // type, u24 length (the message may go on in the next record)
+    r.take(2 + 32)?; // legacy_version, random
+    let n = r.u8()? as usize;
+    r.take(n)?; // session id
+    let n = r.u16()? as usize;
+    r.take(n)?; // cipher suites
+    let n = r.u8()? as usize;
+    r.take(n)?; // compression methods
+    let n = r.u16()? as usize;
+    let mut ext = Reader(r.take(n).unwrap_or(r.0));
+    while let (Some(kind), Some(n)) = (ext.u16(), ext.u16()) {
+        let data = ext.take(n as usize)?;
+        if kind != 0 {
+            continue;
+        }
+        let mut list = Reader(data);
+        let n = list.u16()? as usize;
+        let mut names = Reader(list.take(n)?);
+        while let Some(name_type) = names.u8() {
+            let n = names.u16()? as usize;
+            let name = names.take(n)?;
+            if name_type == 0 {
+                return std::str::from_utf8(name)
+                    .ok()
+                    .filter(|s| s.bytes().all(|b| b.is_ascii_graphic()))
+                    .map(str::to_string);
+            }
+        }
+        return None;
+    }
+    None
+}
+
+/// A bounded cursor over bytes: every read returns None past the end.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.0.len() {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
 }
 
 /// SQLSTATE codes pglb reports.
@@ -256,11 +370,95 @@ mod tests {
             parse_first_packet(&gss).unwrap(),
             FirstPacket::GssEncRequest
         );
-        let c = cancel_request(42, 7);
+        let c = cancel_request(42, &7u32.to_be_bytes());
         assert_eq!(
             parse_first_packet(&c).unwrap(),
-            FirstPacket::CancelRequest { pid: 42, key: 7 }
+            FirstPacket::CancelRequest {
+                pid: 42,
+                key: 7u32.to_be_bytes().to_vec()
+            }
         );
+    }
+
+    #[test]
+    fn protocol_3_2_cancel_keys_up_to_256_bytes() {
+        for n in [4, 32, 256] {
+            let key: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            let c = cancel_request(9, &key);
+            assert_eq!(c.len(), 12 + n);
+            assert_eq!(
+                parse_first_packet(&c).unwrap(),
+                FirstPacket::CancelRequest { pid: 9, key }
+            );
+        }
+        for n in [0, 3, 257] {
+            let c = cancel_request(9, &vec![1; n]);
+            assert!(parse_first_packet(&c).is_err(), "{n}-byte key accepted");
+        }
+    }
+
+    /// A ClientHello as a TLS library writes it (hand-assembled here; tests/tls.rs sends a
+    /// real one through pglb).
+    fn client_hello(sni: Option<&str>) -> Vec<u8> {
+        let mut ext = Vec::new();
+        if let Some(name) = sni {
+            let mut list = vec![0u8];
+            list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            list.extend_from_slice(name.as_bytes());
+            let mut data = (list.len() as u16).to_be_bytes().to_vec();
+            data.extend(list);
+            ext.extend_from_slice(&0u16.to_be_bytes());
+            ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            ext.extend(data);
+        }
+        // ALPN "postgresql", after the name.
+        ext.extend_from_slice(&[0, 16, 0, 13, 0, 11, 10]);
+        ext.extend_from_slice(b"postgresql");
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[7; 32]);
+        body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+        body.extend(ext);
+        let mut hs = vec![1, 0];
+        hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        hs.extend(body);
+        let mut rec = vec![0x16, 3, 1];
+        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        rec.extend(hs);
+        rec
+    }
+
+    #[test]
+    fn direct_tls_client_hello_with_and_without_a_name() {
+        let r = client_hello(Some("db.example.com"));
+        assert_eq!(
+            tls_record_length(r[..5].try_into().unwrap()).unwrap(),
+            r.len()
+        );
+        assert_eq!(
+            parse_first_packet(&r).unwrap(),
+            FirstPacket::DirectTls {
+                sni: Some("db.example.com".into())
+            }
+        );
+        assert_eq!(
+            parse_first_packet(&client_hello(None)).unwrap(),
+            FirstPacket::DirectTls { sni: None }
+        );
+        // Cut anywhere (length fixed up): no name or refused, never a panic.
+        let full = client_hello(Some("db.example.com"));
+        for cut in 5..full.len() {
+            let mut p = full[..cut].to_vec();
+            let n = (cut - 5) as u16;
+            p[3..5].copy_from_slice(&n.to_be_bytes());
+            let _ = parse_first_packet(&p);
+        }
+        // Not a ClientHello, or not TLS 1.x framing.
+        let mut other = client_hello(None);
+        other[5] = 2;
+        assert!(parse_first_packet(&other).is_err());
+        assert!(tls_record_length([0x16, 2, 0, 0, 10]).is_err());
+        assert!(tls_record_length([0x16, 3, 1, 0xff, 0xff]).is_err());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use super::observe::{node_status, NodeStatus, APPLICATION_NAME};
 use super::settings::{Member, Settings};
 use crate::backend::probe::{self, ProbeError};
 use crate::pg::Lsn;
+use crate::tls::ClientTls;
 
 /// A server's recovery state and WAL positions, read fresh during a failover.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -131,7 +132,8 @@ pub fn sql_literal(s: &str) -> String {
     escape_literal(s)
 }
 
-fn conninfo_value(v: &str) -> String {
+/// A value in a libpq keyword/value connection string, quoted when it must be.
+pub(crate) fn conninfo_value(v: &str) -> String {
     if !v.is_empty() && !v.contains([' ', '\'', '\\', '\t', '\n']) {
         v.to_string()
     } else {
@@ -142,13 +144,16 @@ fn conninfo_value(v: &str) -> String {
 /// The `primary_conninfo` a replica gets to follow `primary`: replication credentials, its own
 /// name as `application_name` (what `synchronous_standby_names` and `pg_stat_replication` show),
 /// and timeouts so it notices a dead primary in seconds: `connect_timeout` 2 s,
-/// `tcp_user_timeout` = `failover_after` (at least 1 s), TCP keepalives.
+/// `tcp_user_timeout` = `failover_after` (at least 1 s), TCP keepalives; and the promoter's own
+/// `sslmode` and `sslrootcert` (the path must name the CA file on the replica's host too: the
+/// server reads it there). The promoter's client certificate is its own and is not passed on.
 pub fn conninfo(
     primary: &Member,
     replica: &Member,
     user: &str,
     password: Option<&str>,
     failover_after: Duration,
+    tls: &ClientTls,
 ) -> String {
     let (host, port) = super::decide::split_address(&primary.address)
         .unwrap_or_else(|| (primary.address.clone(), 5432));
@@ -165,6 +170,13 @@ pub fn conninfo(
         "application_name={}",
         conninfo_value(&replica.name)
     ));
+    parts.push(format!("sslmode={}", tls.sslmode.as_str()));
+    if let Some(root) = &tls.sslrootcert {
+        parts.push(format!(
+            "sslrootcert={}",
+            conninfo_value(&root.display().to_string())
+        ));
+    }
     parts.push("connect_timeout=2".into());
     parts.push(format!("tcp_user_timeout={user_timeout}"));
     parts.push("keepalives=1 keepalives_idle=5 keepalives_interval=2 keepalives_count=3".into());
@@ -251,6 +263,7 @@ impl PgPromoter {
             &s.replication_user,
             s.replication_password.as_ref().map(|p| p.expose()),
             s.failover_after,
+            &s.login.tls,
         )
     }
 
@@ -543,6 +556,7 @@ mod tests {
             "replicator",
             Some("p w'd\\x"),
             Duration::from_secs(3),
+            &ClientTls::default(),
         );
         let pairs = parse_conninfo(&c);
         let get = |k: &str| pairs.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
@@ -550,6 +564,8 @@ mod tests {
         assert_eq!(get("application_name"), Some("pg-2"));
         assert_eq!(get("tcp_user_timeout"), Some("3000"));
         assert_eq!(get("connect_timeout"), Some("2"));
+        assert_eq!(get("sslmode"), Some("prefer"));
+        assert_eq!(get("sslrootcert"), None);
         assert_eq!(conninfo_target(&c), Some(("db1.internal".into(), 5433)));
     }
 

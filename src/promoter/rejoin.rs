@@ -120,6 +120,29 @@ pub fn standby_auto_conf(existing: &str, conninfo: &str, slot: &str) -> String {
     out
 }
 
+/// pg_rewind's `--source-server`: the promoter's own login (the password goes by environment)
+/// with its TLS settings, so a primary that takes only `hostssl` logins can be the source.
+pub fn rewind_source(host: &str, port: u16, login: &super::settings::Login) -> String {
+    use super::promote::conninfo_value as q;
+    let mut s = format!(
+        "host={} port={port} user={} dbname={} connect_timeout=10 application_name=pglb-promoter-rejoin sslmode={}",
+        q(host),
+        q(&login.user),
+        q(&login.database),
+        login.tls.sslmode.as_str()
+    );
+    for (key, path) in [
+        ("sslrootcert", &login.tls.sslrootcert),
+        ("sslcert", &login.tls.sslcert),
+        ("sslkey", &login.tls.sslkey),
+    ] {
+        if let Some(p) = path {
+            s.push_str(&format!(" {key}={}", q(&p.display().to_string())));
+        }
+    }
+    s
+}
+
 /// Where the server programs are.
 fn bin_dir(opt: &Option<PathBuf>) -> Option<PathBuf> {
     if let Some(d) = opt {
@@ -305,10 +328,7 @@ pub async fn run(settings: &Settings, opts: &RejoinOptions) -> Result<RejoinRepo
     let postmaster_opts = fs::read_to_string(&opts_file).ok();
     let (host, port) =
         decide::split_address(&primary.address).unwrap_or_else(|| (primary.address.clone(), 5432));
-    let source = format!(
-        "host={host} port={port} user={} dbname={} connect_timeout=10 application_name=pglb-promoter-rejoin",
-        settings.login.user, settings.login.database
-    );
+    let source = rewind_source(&host, port, &settings.login);
     let mut cmd = tools.command("pg_rewind");
     cmd.arg("-D")
         .arg(data)

@@ -5,11 +5,9 @@
 
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
-
-use crate::backend::net::connect_tcp;
 use crate::backend::probe::{self, ProbeError};
 use crate::config::{BackendConfig, Config, Secret};
+use crate::tls::ClientTls;
 
 /// One configured backend as the promoter sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +64,8 @@ pub struct Login {
     /// Bound on connecting (and, for a look, on the whole look): half of `failover_after`,
     /// kept between 1 s and 5 s.
     pub timeout: Duration,
+    /// `[promoter]`'s sslmode, sslrootcert, sslcert and sslkey.
+    pub tls: ClientTls,
 }
 
 impl Login {
@@ -76,7 +76,6 @@ impl Login {
         address: &str,
         application_name: &str,
     ) -> Result<tokio_postgres::Client, ProbeError> {
-        let stream = connect_tcp(address, self.timeout).await?;
         let mut cfg = tokio_postgres::Config::new();
         cfg.user(&self.user)
             .dbname(&self.database)
@@ -84,13 +83,14 @@ impl Login {
         if let Some(pw) = &self.password {
             cfg.password(pw.expose());
         }
-        let has_pw = self.password.is_some();
-        let (client, connection) = cfg
-            .connect_raw(stream, NoTls)
-            .await
-            .map_err(|e| probe::classify(e, has_pw))?;
-        tokio::spawn(connection);
-        Ok(client)
+        probe::connect(
+            address,
+            &cfg,
+            &self.tls,
+            self.timeout,
+            self.password.is_some(),
+        )
+        .await
     }
 }
 
@@ -222,6 +222,7 @@ impl Settings {
                 password,
                 database: c.check.database.clone(),
                 timeout: probe_timeout(p.failover_after),
+                tls: p.tls.clone(),
             },
             replication_user: p.replication_user.clone(),
             replication_password,

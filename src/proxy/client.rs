@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::control::Control;
 use crate::metrics as m;
 use crate::pg::{self, sqlstate, FirstPacket, PacketError};
+use crate::tls::ServerTls;
 use crate::view::View;
 
 /// Why reading the first packet failed.
@@ -36,30 +37,33 @@ enum FirstPacketError {
     Io(std::io::Error),
 }
 
-async fn read_packet(client: &mut TcpStream) -> Result<Vec<u8>, FirstPacketError> {
+async fn read_packet<S: AsyncRead + Unpin>(client: &mut S) -> Result<Vec<u8>, FirstPacketError> {
+    let eof = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => FirstPacketError::Closed,
+        _ => FirstPacketError::Io(e),
+    };
     let mut header = [0u8; 4];
-    match client.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(FirstPacketError::Closed)
-        }
-        Err(e) => return Err(FirstPacketError::Io(e)),
+    client.read_exact(&mut header).await.map_err(eof)?;
+    if header[0] == pg::TLS_HANDSHAKE {
+        // Direct TLS: a ClientHello record, whose length is in its fifth byte's pair.
+        let mut fifth = [0u8; 1];
+        client.read_exact(&mut fifth).await.map_err(eof)?;
+        let len = pg::tls_record_length([header[0], header[1], header[2], header[3], fifth[0]])?;
+        let mut record = vec![0u8; len];
+        record[..4].copy_from_slice(&header);
+        record[4] = fifth[0];
+        client.read_exact(&mut record[5..]).await.map_err(eof)?;
+        return Ok(record);
     }
     let len = pg::packet_length(header)?;
     let mut packet = vec![0u8; len];
     packet[..4].copy_from_slice(&header);
-    client
-        .read_exact(&mut packet[4..])
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => FirstPacketError::Closed,
-            _ => FirstPacketError::Io(e),
-        })?;
+    client.read_exact(&mut packet[4..]).await.map_err(eof)?;
     Ok(packet)
 }
 
-async fn read_first(
-    client: &mut TcpStream,
+async fn read_first<S: AsyncRead + Unpin>(
+    client: &mut S,
     timeout: Duration,
 ) -> Result<(Vec<u8>, FirstPacket), FirstPacketError> {
     let packet = tokio::time::timeout(timeout, read_packet(client))
@@ -69,7 +73,7 @@ async fn read_first(
     Ok((packet, parsed))
 }
 
-async fn send_fatal(client: &mut TcpStream, code: &str, message: &str) {
+async fn send_fatal<S: AsyncWrite + Unpin>(client: &mut S, code: &str, message: &str) {
     let _ = client.write_all(&pg::error_response(code, message)).await;
     let _ = client.shutdown().await;
 }
@@ -98,7 +102,14 @@ pub async fn handle(
     ctx: SessionContext,
     id: u64,
 ) {
-    let span = tracing::info_span!("conn", id, %peer, port = port.as_str(), backend = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "conn",
+        id,
+        %peer,
+        port = port.as_str(),
+        backend = tracing::field::Empty,
+        sni = tracing::field::Empty
+    );
     // The first exchange (reading the startup packet, connecting a backend, refusing) has the
     // biggest state a session passes through and the shortest-lived: it runs on the heap, so the
     // task that stays behind for the session's life is sized by the splice alone.
@@ -151,9 +162,17 @@ async fn start(
         }
     };
 
-    if let FirstPacket::CancelRequest { pid, key } = parsed {
-        forward_cancel(&ctx.control.view(), pid, key, cfg.proxy.connect_timeout).await;
+    if let FirstPacket::CancelRequest { pid, key } = &parsed {
+        forward_cancel(&ctx.control.view(), *pid, key, cfg.proxy.connect_timeout).await;
         return None;
+    }
+    if let FirstPacket::DirectTls { sni } = &parsed {
+        // The name the client asked for, on every line of this session (its TLS is its own).
+        tracing::Span::current().record("sni", sni.as_deref().unwrap_or(""));
+        debug!(
+            sni = sni.as_deref(),
+            "direct TLS: ClientHello passed through by port"
+        );
     }
 
     let (slot, backend_stream, answer) = match choose(&ctx, port, &cfg, &first).await {
@@ -170,10 +189,11 @@ async fn start(
             );
             refuse(
                 &mut client,
-                &parsed,
+                (&first, &parsed),
                 sqlstate::CANNOT_CONNECT_NOW,
                 message,
                 startup_timeout,
+                cfg.listen.tls.as_ref(),
             )
             .await;
             return None;
@@ -187,10 +207,11 @@ async fn start(
             warn!(%backend, maxconn, "queue timeout: refusing client");
             refuse(
                 &mut client,
-                &parsed,
+                (&first, &parsed),
                 sqlstate::TOO_MANY_CONNECTIONS,
                 &message,
                 startup_timeout,
+                cfg.listen.tls.as_ref(),
             )
             .await;
             return None;
@@ -217,34 +238,76 @@ async fn start(
     Some((client, backend_stream, slot))
 }
 
-/// No backend: answer like a PostgreSQL server would, so psql prints the reason.
+/// No backend: answer like a PostgreSQL server would, so psql prints the reason. A client that
+/// asked for TLS gets it when pglb has a certificate (`[listen] tls_cert`), and the FATAL inside
+/// it; without one, encryption is declined ('N') and a client that insists on TLS hangs up
+/// with its own message (docs/operations.md). A direct-TLS client without one is just closed.
 async fn refuse(
     client: &mut TcpStream,
-    first: &FirstPacket,
+    (first_bytes, first): (&[u8], &FirstPacket),
+    code: &str,
+    message: &str,
+    timeout: Duration,
+    tls: Option<&ServerTls>,
+) {
+    let mut first = first.clone();
+    // libpq may try GSS then SSL: answer up to two requests.
+    for _ in 0..2 {
+        match (&first, tls) {
+            (FirstPacket::SslRequest, Some(tls)) => {
+                if client.write_all(b"S").await.is_err() {
+                    return;
+                }
+                refuse_in_tls(client, tls, &[], code, message, timeout).await;
+                return;
+            }
+            (FirstPacket::DirectTls { .. }, Some(tls)) => {
+                refuse_in_tls(client, tls, first_bytes, code, message, timeout).await;
+                return;
+            }
+            (FirstPacket::DirectTls { .. }, None) => return,
+            (FirstPacket::SslRequest | FirstPacket::GssEncRequest, _) => {
+                // Decline encryption, then the client sends its next packet in clear.
+                if client.write_all(b"N").await.is_err() {
+                    return;
+                }
+                match read_first(client, timeout).await {
+                    Ok((_, next)) => first = next,
+                    Err(_) => return,
+                }
+            }
+            _ => break,
+        }
+    }
+    if matches!(first, FirstPacket::Startup { .. }) {
+        send_fatal(client, code, message).await;
+    }
+}
+
+/// Completes TLS with pglb's own certificate (after `S`, or on a ClientHello already read:
+/// `replay`), reads the StartupMessage inside and answers it with the FATAL.
+async fn refuse_in_tls(
+    client: &mut TcpStream,
+    tls: &ServerTls,
+    replay: &[u8],
     code: &str,
     message: &str,
     timeout: Duration,
 ) {
-    if matches!(first, FirstPacket::SslRequest | FirstPacket::GssEncRequest) {
-        // Decline encryption, then the client sends its StartupMessage in clear.
-        if client.write_all(b"N").await.is_err() {
+    let (r, w) = client.split();
+    let io = tokio::io::join(replay.chain(r), w);
+    let accepted = tokio::time::timeout(timeout, tls.acceptor().accept(io)).await;
+    let mut stream = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(error = %e, "TLS with pglb's certificate failed; closing");
             return;
         }
-        match read_first(client, timeout).await {
-            Ok((_, FirstPacket::Startup { .. })) => {}
-            // libpq may try GSS then SSL: decline again once.
-            Ok((_, FirstPacket::SslRequest | FirstPacket::GssEncRequest)) => {
-                if client.write_all(b"N").await.is_err() {
-                    return;
-                }
-                if read_first(client, timeout).await.is_err() {
-                    return;
-                }
-            }
-            _ => return,
-        }
+        Err(_) => return,
+    };
+    if let Ok((_, FirstPacket::Startup { .. })) = read_first(&mut stream, timeout).await {
+        send_fatal(&mut stream, code, message).await;
     }
-    send_fatal(client, code, message).await;
 }
 
 enum Choice {
@@ -274,6 +337,9 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]
         freed.as_mut().enable();
         let view = ctx.control.view();
         let mut full: Option<(String, u64)> = None;
+        // A server closed a direct-TLS connection without a byte: before PostgreSQL 17 servers
+        // do not accept direct TLS, and waiting for another answer would not change that.
+        let mut no_direct_tls = false;
         for t in view.candidates(port, &ctx.rr) {
             let Some(mut slot) = t.handle.try_reserve(port, t.view.maxconn, &ctx.waiters) else {
                 full.get_or_insert((t.view.name.clone(), t.view.maxconn));
@@ -290,6 +356,14 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]
                         .fetch_add(first.len() as u64, Ordering::Relaxed);
                     return Choice::Connected(slot, s, answer);
                 }
+                Err(ConnectError::Io(e))
+                    if first.first() == Some(&pg::TLS_HANDSHAKE)
+                        && e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    warn!(backend = %b.name, %address, "backend closed a direct-TLS connection without answering (PostgreSQL before 17 does not accept direct TLS)");
+                    m::backend_connect_failed(&b.name, "io");
+                    no_direct_tls = true;
+                }
                 Err(e) => {
                     warn!(backend = %b.name, %address, reason = %e, "backend connect failed, trying the next candidate");
                     m::backend_connect_failed(&b.name, e.kind());
@@ -303,6 +377,9 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]
             }
         }
         drop(view);
+        if no_direct_tls && full.is_none() {
+            return Choice::NoBackend;
+        }
         let Some((backend, maxconn)) = full else {
             // No backend for this port right now (a failover in progress, every candidate
             // refusing): wait for one, up to wait_for_backend, instead of failing the client.
@@ -436,18 +513,20 @@ pub async fn refuse_over_limit(
     port: PortRole,
     maxconn: u64,
     timeout: Duration,
+    tls: Option<ServerTls>,
 ) {
     let message = format!(
         "pglb: too many connections: the {} port is at its maxconn ({maxconn})",
         port.as_str()
     );
-    if let Ok((_, first)) = read_first(&mut client, timeout).await {
+    if let Ok((bytes, first)) = read_first(&mut client, timeout).await {
         refuse(
             &mut client,
-            &first,
+            (&bytes, &first),
             sqlstate::TOO_MANY_CONNECTIONS,
             &message,
             timeout,
+            tls.as_ref(),
         )
         .await;
     }
@@ -538,16 +617,17 @@ async fn idle_timer(activity: &Activity, timeout: Duration) -> Duration {
 
 /// Sends a CancelRequest to every backend the port could have used: pglb does not track which
 /// backend a cancel key belongs to, and a key is meaningless (ignored) on any other server.
-async fn forward_cancel(view: &View, pid: u32, key: u32, timeout: Duration) {
+async fn forward_cancel(view: &View, pid: u32, key: &[u8], timeout: Duration) {
     let packet = pg::cancel_request(pid, key);
     // Every backend it may belong to: configured and draining.
     let sends = view.backends.iter().map(|b| {
         let address = b.address.clone();
         let name = b.name.clone();
+        let packet = &packet;
         async move {
             match connect_tcp(&address, timeout).await {
                 Ok(mut s) => {
-                    if let Err(e) = s.write_all(&packet).await {
+                    if let Err(e) = s.write_all(packet).await {
                         debug!(backend = %name, error = %e, "cancel forward failed");
                     }
                     // PostgreSQL closes after reading it; wait for that so it is delivered.
@@ -559,7 +639,7 @@ async fn forward_cancel(view: &View, pid: u32, key: u32, timeout: Duration) {
         }
     });
     futures_util::future::join_all(sends).await;
-    info!(pid, "cancel request forwarded");
+    info!(pid, key_bytes = key.len(), "cancel request forwarded");
 }
 
 #[cfg(test)]

@@ -119,8 +119,9 @@ pub async fn serve(
                         load.refusing.fetch_add(1, Ordering::Relaxed);
                         let load = load.clone();
                         let timeout = cfg.proxy.client_startup_timeout.min(Duration::from_secs(2));
+                        let tls = cfg.listen.tls.clone();
                         tokio::spawn(async move {
-                            refuse_over_limit(stream, port, maxconn, timeout).await;
+                            refuse_over_limit(stream, port, maxconn, timeout, tls).await;
                             load.refusing.fetch_sub(1, Ordering::Relaxed);
                         });
                     }

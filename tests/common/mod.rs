@@ -975,6 +975,8 @@ pub struct BackendSpec {
 
 /// Builds a pglb config (fast checks, short timeouts) and starts the binary.
 pub struct PglbBuilder {
+    /// `[listen]` keys beside the three addresses (tls_cert, tls_key).
+    listen: toml::Table,
     check: toml::Table,
     read: toml::Table,
     proxy: toml::Table,
@@ -1000,6 +1002,7 @@ impl PglbBuilder {
     /// shutdown_timeout 5s, close_on_writer_change on.
     pub fn new(backends: Vec<BackendSpec>) -> PglbBuilder {
         PglbBuilder {
+            listen: toml::Table::new(),
             check: table(&[
                 ("interval", "200ms".into()),
                 ("timeout", "2s".into()),
@@ -1033,6 +1036,7 @@ impl PglbBuilder {
 
     fn section(&mut self, section: &str) -> &mut toml::Table {
         match section {
+            "listen" => &mut self.listen,
             "check" => &mut self.check,
             "read" => &mut self.read,
             "proxy" => &mut self.proxy,
@@ -1042,7 +1046,8 @@ impl PglbBuilder {
         }
     }
 
-    /// Sets `[section] key = value` (section: check, read, proxy or stats).
+    /// Sets `[section] key = value` (section: listen (not the addresses), check, read, proxy
+    /// or stats).
     pub fn set(mut self, section: &str, key: &str, value: impl Into<toml::Value>) -> Self {
         self.section(section).insert(key.to_string(), value.into());
         self
@@ -1085,14 +1090,11 @@ impl PglbBuilder {
     /// The config file text for the given listen addresses.
     pub fn render(&self, write: SocketAddr, read: SocketAddr, stats: SocketAddr) -> String {
         let mut root = toml::Table::new();
-        root.insert(
-            "listen".into(),
-            toml::Value::Table(table(&[
-                ("write", write.to_string().into()),
-                ("read", read.to_string().into()),
-                ("stats", stats.to_string().into()),
-            ])),
-        );
+        let mut listen = self.listen.clone();
+        listen.insert("write".into(), write.to_string().into());
+        listen.insert("read".into(), read.to_string().into());
+        listen.insert("stats".into(), stats.to_string().into());
+        root.insert("listen".into(), toml::Value::Table(listen));
         root.insert("check".into(), toml::Value::Table(self.check.clone()));
         root.insert("read".into(), toml::Value::Table(self.read.clone()));
         root.insert("proxy".into(), toml::Value::Table(self.proxy.clone()));
@@ -1801,3 +1803,6 @@ pub mod promoter;
 
 // A real 3-member etcd cluster for store tests: see etcd.rs.
 pub mod etcd;
+
+// TLS-only clusters and a test CA: see tls.rs.
+pub mod tls;
