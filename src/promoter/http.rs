@@ -59,6 +59,9 @@ pub struct NodeSummary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
+    /// This promoter's identity (`--id`, default the host name).
+    #[serde(default)]
+    pub id: String,
     pub dry_run: bool,
     pub config_file: String,
     pub started_unix: f64,
@@ -99,9 +102,10 @@ pub fn unix_now() -> f64 {
 }
 
 impl Status {
-    pub fn new(config_file: String, dry_run: bool) -> Status {
+    pub fn new(config_file: String, dry_run: bool, id: String) -> Status {
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
+            id,
             dry_run,
             config_file,
             started_unix: unix_now(),

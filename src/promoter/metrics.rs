@@ -12,6 +12,7 @@ pub const LAST_FAILOVER_SECONDS: &str = "pglb_promoter_last_failover_seconds";
 pub const PRIMARY_DOWN_SECONDS: &str = "pglb_promoter_primary_down_seconds";
 pub const PRIMARY_KNOWN: &str = "pglb_promoter_primary_known";
 pub const BACKEND_REACHABLE: &str = "pglb_promoter_backend_reachable";
+pub const INFO: &str = "pglb_promoter_info";
 
 /// Registers descriptions; call once after installing the recorder.
 pub fn describe() {
@@ -39,6 +40,7 @@ pub fn describe() {
         "how long no primary has answered (0 while one does)"
     );
     describe_gauge!(PRIMARY_KNOWN, "1 when a primary answers the promoter");
+    describe_gauge!(INFO, "1, labelled with this promoter's id and version");
     describe_gauge!(
         BACKEND_REACHABLE,
         "1 when the promoter can log in to the backend"
@@ -73,4 +75,8 @@ pub fn primary(known: bool, down_seconds: f64) {
 
 pub fn reachable(backend: &str, up: bool) {
     gauge!(BACKEND_REACHABLE, "backend" => backend.to_string()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn info(id: &str) {
+    gauge!(INFO, "id" => id.to_string(), "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }

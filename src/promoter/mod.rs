@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::{Config, Secrets};
 use crate::reload;
@@ -51,6 +51,23 @@ use settings::Settings;
 pub struct RunOptions {
     /// Observe and decide, log what would be done, change nothing.
     pub dry_run: bool,
+    /// This promoter's identity (`--id`, default the host name): logs, `/status`, and with a
+    /// store its leader and member keys.
+    pub id: String,
+}
+
+/// The default identity: the host name (Linux: `/proc/sys/kernel/hostname`).
+pub fn default_id() -> std::io::Result<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string())
+}
+
+/// Whether `id` can name a promoter: it becomes part of store keys and a metric label, so 1 to
+/// 128 characters among ASCII letters, digits, '.', '_' and '-'.
+pub fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 fn policy(s: &Settings) -> Policy {
@@ -61,7 +78,11 @@ fn policy(s: &Settings) -> Policy {
 pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let settings = Arc::new(Settings::from_config(&config)?);
     let shared = Arc::new(Shared {
-        status: Mutex::new(Status::new(config.path.display().to_string(), opts.dry_run)),
+        status: Mutex::new(Status::new(
+            config.path.display().to_string(),
+            opts.dry_run,
+            opts.id.clone(),
+        )),
         prometheus: http::prometheus(),
     });
     let listener = tokio::net::TcpListener::bind(&settings.listen)
@@ -104,6 +125,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         watcher,
     ));
     info!(
+        id = %opts.id,
         backends = settings.members.len(),
         failover_after = ?settings.failover_after,
         interval = ?settings.interval,
@@ -113,7 +135,10 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         dry_run = opts.dry_run,
         "pglb-promoter started"
     );
+    metrics::info(&opts.id);
     let observe = |s: Arc<Settings>| async move { observe::observe(&s).await };
+    // Every line the loop logs carries this promoter's id.
+    let span = tracing::info_span!("promoter", id = %opts.id);
     if opts.dry_run {
         run_loop(
             |s| DryRun(PgPromoter::new(s)),
@@ -122,6 +147,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             shared,
             shutdown.clone(),
         )
+        .instrument(span)
         .await;
     } else {
         run_loop(
@@ -131,6 +157,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             shared,
             shutdown.clone(),
         )
+        .instrument(span)
         .await;
     }
     background.close();
@@ -725,7 +752,7 @@ address = "127.0.0.1:5002"
     ) -> Duration {
         let (_tx, rx) = watch::channel(settings());
         let shared = Arc::new(Shared {
-            status: Mutex::new(Status::new("lb.toml".into(), false)),
+            status: Mutex::new(Status::new("lb.toml".into(), false, "test".into())),
             prometheus: None,
         });
         let shutdown = CancellationToken::new();
