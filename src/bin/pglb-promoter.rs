@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand};
-use pglb::config::{Config, Secrets};
+use pglb::config::{Config, Secrets, StoreKind};
 use pglb::promoter::{self, promote::PgPromoter, settings::Settings};
 use pglb::telemetry::{init_logging, LogFormat};
 
@@ -158,6 +158,12 @@ fn main() -> ExitCode {
                 promoter::run(config, promoter::RunOptions { dry_run, id }).await
             }
             Command::Check => Ok(()),
+            Command::Switchover { to, timeout } if config.store.kind == StoreKind::Etcd => {
+                // With a store the leader switches over (through its guarded record).
+                let report = promoter::switchover::request(&config.store, &to, timeout).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
             Command::Switchover { to, timeout } => {
                 let pg = PgPromoter::new(std::sync::Arc::new(settings.clone()));
                 let report = promoter::switchover::run(&pg, &settings, &to, timeout).await?;

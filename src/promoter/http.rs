@@ -92,6 +92,13 @@ pub struct Status {
     pub nodes: Vec<NodeSummary>,
     /// Last config reload: applied, rejected or unchanged, with the error when rejected.
     pub reload: Option<String>,
+    /// With `[store]`: leader, members with lease age, reachability, recorded primary (null
+    /// without a store).
+    #[serde(default)]
+    pub store: Option<super::coordination::StoreStatus>,
+    /// Server changes this process did not make because the store gate refused them.
+    #[serde(default)]
+    pub guard_refusals: u64,
 }
 
 pub fn unix_now() -> f64 {
@@ -126,6 +133,8 @@ impl Status {
             witnesses: Witnesses::default(),
             nodes: vec![],
             reload: None,
+            store: None,
+            guard_refusals: 0,
         }
     }
 }
