@@ -227,6 +227,23 @@ async fn a_switchover_through_the_store_is_run_by_the_leader_and_recorded() {
             .exec("SELECT current_setting('default_transaction_read_only')"),
         "on"
     );
+
+    // pglb's stats page, told where a promoter is, shows the leadership and the record.
+    std::fs::write(
+        lb.config_path(),
+        Pglb::builder(&cluster)
+            .set("stats", "promoter_url", format!("http://{}", b.status))
+            .render(lb.write, lb.read, lb.stats),
+    )
+    .unwrap();
+    wait_until(T, "pglb's page shows the store's leader and record", || {
+        http_get(lb.stats, "/").is_ok_and(|(code, page)| {
+            code == 200
+                && page.contains("promoter b (follower) · store leader: a")
+                && page.contains("recorded primary: pg-1 (timeline 2, epoch 2)")
+        })
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -385,6 +402,17 @@ async fn killed_after(step: &str, store: bool) {
             })
             .await;
         eprintln!("record: {}", s["store"]["record"]);
+    }
+    if step == "promoted" {
+        // Killed before the promoted server's first CHECKPOINT: the old primary, back (and
+        // fenced), still rejoins as a replica of it and really streams.
+        restart_after_kill(cluster.node(0));
+        rejoin(&a, cluster.node(0)).await;
+        assert!(cluster.node(0).in_recovery());
+        wait_until(T, "pg-0 streaming from the new primary", || {
+            streams_to(cluster.node(promoted), "pg-0")
+        })
+        .await;
     }
     // Nothing is left held by the failover: no saved upstream on either replica.
     for i in 1..=2 {
