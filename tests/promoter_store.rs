@@ -353,6 +353,82 @@ async fn without_etcd_quorum_nobody_promotes_and_with_it_back_the_failover_compl
     assert_eq!(failovers(&sa) + failovers(&sb), 1, "a: {sa}\nb: {sb}");
 }
 
+/// The leader dies between its guarded record (naming the replica it chose) and `pg_promote`,
+/// and the old primary comes straight back. Whichever comes first (the other promoter finishing
+/// the failover, or the old primary back), the store ends naming the one writable server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_between_the_record_and_the_promotion_the_record_follows_the_servers() {
+    let etcd = EtcdCluster::start();
+    let cluster = failover_cluster(2);
+    let lb = Pglb::start(&cluster).await;
+    let mut a = with_store(&etcd, "a")
+        .env("PGLB_PROMOTER_CRASH_AFTER", "recorded")
+        .start(&lb);
+    wait_leading(&a, "a").await;
+    let b = with_store(&etcd, "b").start(&lb);
+    wait_following(&b, "a", "pg-0").await;
+
+    kill9(cluster.node(0));
+    wait_until(T, "a to abort after its record", || a.exited()).await;
+    restart_after_kill(cluster.node(0));
+    let s = b
+        .wait_status(
+            Duration::from_secs(60),
+            "b steady on the recorded primary",
+            |s| {
+                s["store"]["is_leader"] == true
+                    && s["decision"] == "steady"
+                    && s["store"]["record"]["name"] == s["primary"]
+                    && s["store"]["record"]["timeline"]
+                        == s["nodes"]
+                            .as_array()
+                            .and_then(|ns| ns.iter().find(|n| n["role"] == "primary"))
+                            .map(|n| n["timeline"].clone())
+                            .unwrap_or_default()
+            },
+        )
+        .await;
+    eprintln!(
+        "after a leader died between record and promotion: primary {}, record {}",
+        s["primary"], s["store"]["record"]
+    );
+    assert!(s["store"]["record"]["epoch"].as_u64().unwrap() >= 3, "{s}");
+    let primary = s["primary"].as_str().unwrap();
+    let writable: Vec<&str> = cluster
+        .nodes()
+        .iter()
+        .filter(|n| !n.in_recovery())
+        .map(|n| n.name())
+        .collect();
+    // The old primary, if another was promoted, is writable but fenced (read-only).
+    let fenced_or_primary = writable.iter().all(|&n| {
+        n == primary
+            || cluster
+                .nodes()
+                .iter()
+                .find(|x| x.name() == n)
+                .is_some_and(|x| {
+                    x.exec("SELECT current_setting('default_transaction_read_only')") == "on"
+                })
+    });
+    assert!(
+        fenced_or_primary,
+        "writable: {writable:?}, primary {primary}"
+    );
+    let p = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.name() == primary)
+        .unwrap();
+    for r in cluster.nodes().iter().filter(|n| n.in_recovery()) {
+        let name = r.name().to_string();
+        wait_until(T, &format!("{name} streaming from {primary}"), || {
+            streams_to(p, &name)
+        })
+        .await;
+    }
+}
+
 /// The acting promoter aborts right after `step` of a failover (a kill -9 at that point). It
 /// is started again; with a store another promoter runs too. The cluster converges within 60 s.
 async fn killed_after(step: &str, store: bool) {

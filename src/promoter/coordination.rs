@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::decide::parse_conninfo;
 use super::http::Shared;
 use super::metrics;
+use super::observe::Observation;
 use super::promote::{ActError, Position, Promoter};
 use super::settings::Member;
 use crate::store::{
@@ -178,18 +179,31 @@ impl Link {
     }
 
     /// Leader's housekeeping of the record after a look that found `primary` writable on
-    /// `timeline` (the only writable server on the newest timeline): the first leader, finding
-    /// no record, records it; a record naming it on an older timeline (a promotion whose
-    /// promoter died before recording the new timeline) is brought up to date. A record naming
-    /// another server is left alone: only a failover or a switchover changes who is recorded.
-    pub async fn keep_record(&self, primary: &str, timeline: u32) {
+    /// `timeline` (the only writable server on the newest timeline):
+    /// - the first leader, finding no record, records it;
+    /// - a record naming it on an older timeline (a promotion whose promoter died before
+    ///   recording the new timeline) is brought up to date;
+    /// - a record naming another server that is reachable, still in recovery and on no newer
+    ///   timeline than recorded was never promoted (its promoter died between the record and
+    ///   `pg_promote`, and the old primary is back): the failover is undone in the record, under
+    ///   the next epoch.
+    ///
+    /// Any other record naming another server is left alone: only a failover or a switchover
+    /// changes who is recorded.
+    pub async fn keep_record(&self, obs: &Observation, primary: &str, timeline: u32) {
         if !self.is_leader() {
             return;
         }
-        let seen = self.recorded();
-        let due = match &seen.record {
+        let never_promoted = |r: &PrimaryRecord| {
+            r.name != primary
+                && obs
+                    .node(&r.name)
+                    .and_then(|n| n.reachable())
+                    .is_some_and(|s| s.in_recovery && s.timeline <= r.timeline)
+        };
+        let due = match &self.recorded().record {
             None => true,
-            Some(r) => r.name == primary && r.timeline < timeline,
+            Some(r) => (r.name == primary && r.timeline < timeline) || never_promoted(r),
         };
         if !due {
             return;
@@ -210,6 +224,14 @@ impl Link {
             },
             Some(r) if r.name == primary && r.timeline < timeline => {
                 PrimaryRecord { timeline, ..r }
+            }
+            Some(r) if never_promoted(&r) => {
+                warn!(recorded = %r.name, epoch = r.epoch, primary, "the recorded primary was never promoted and another is writable: recording it instead");
+                PrimaryRecord {
+                    name: primary.to_string(),
+                    timeline,
+                    epoch: r.epoch + 1,
+                }
             }
             Some(_) => return,
         };

@@ -391,6 +391,7 @@ pub async fn promote_and_follow<P: Promoter>(
     p.guard_promotion(candidate, from_timeline)
         .await
         .map_err(|source| FailoverError::Guard { source })?;
+    super::failpoint::crash_after("recorded");
     let sync = synchronous.then(|| sync_names(members, &candidate.name));
     p.prepare(candidate, sync.as_deref())
         .await

@@ -1,6 +1,7 @@
 //! Fault injection for the crash-safety tests, off unless its environment variables are set:
 //! `PGLB_PROMOTER_CRASH_AFTER=STEP` aborts the process right after that failover step
-//! (`receivers_stopped`, `promoted`, `repointed`), as a kill -9 would; and
+//! (`receivers_stopped`, `recorded`: the guarded record committed, `pg_promote` not sent;
+//! `promoted`, `repointed`), as a kill -9 would; and
 //! `PGLB_PROMOTER_PAUSE_BEFORE=STEP` stops the process (SIGSTOP, once) right before it
 //! (`record_primary`), as a paused VM would, until something sends it SIGCONT.
 

@@ -622,7 +622,7 @@ async fn run_loop<P, F, O, Fut>(
         if let Some(l) = &link {
             l.publish(member_view(&obs, &state));
             if let Some((p, tl)) = single_primary(&obs, &state) {
-                l.keep_record(&p, tl).await;
+                l.keep_record(&obs, &p, tl).await;
                 if matches!(&state.decision, Some(Decision::Steady { not_streaming, .. }) if not_streaming.is_empty())
                 {
                     l.settled(&p, tl).await;
