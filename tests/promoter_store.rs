@@ -353,6 +353,68 @@ async fn without_etcd_quorum_nobody_promotes_and_with_it_back_the_failover_compl
     assert_eq!(failovers(&sa) + failovers(&sb), 1, "a: {sa}\nb: {sb}");
 }
 
+/// The leader alone loses etcd (its connections to every member cut, PostgreSQL still in
+/// reach): it stops acting within the lease and steps down; the other promoter leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_etcd_alone_stops_acting_within_the_lease() {
+    let etcd = EtcdCluster::start();
+    let cluster = failover_cluster(2);
+    let lb = Pglb::start(&cluster).await;
+    let mut relays = Vec::new();
+    for m in &etcd.members {
+        relays.push(Relay::start(([127, 0, 0, 1], m.client_port).into()).await);
+    }
+    let through: Vec<String> = relays
+        .iter()
+        .map(|r| format!("http://{}", r.addr))
+        .collect();
+    let a = PromoterBuilder::new()
+        .id("a")
+        .store(&through, PREFIX, TTL)
+        .start(&lb);
+    wait_leading(&a, "a").await;
+    let b = with_store(&etcd, "b").start(&lb);
+    wait_following(&b, "a", "pg-0").await;
+
+    let cut = Instant::now();
+    for r in &relays {
+        r.cut();
+    }
+    let s = a
+        .wait_status(T, "a to stop leading", |s| s["store"]["is_leader"] == false)
+        .await;
+    let stopped = cut.elapsed();
+    eprintln!("a stopped acting {stopped:?} after losing etcd (lease_ttl {TTL:?})");
+    // Its validity ends a fifth of the TTL before the lease can expire in etcd; the rest is
+    // the status page's own polling.
+    assert!(
+        stopped <= TTL + Duration::from_millis(500),
+        "{stopped:?}: {s}"
+    );
+    wait_leading(&b, "b").await;
+    let took = cut.elapsed();
+    eprintln!("b leads {took:?} after the cut");
+    assert!(
+        stopped < took,
+        "a stopped at {stopped:?}, b led at {took:?}"
+    );
+    // Nothing to do for either: the primary is fine.
+    let s = a.wait_steady("pg-0", T).await;
+    assert_eq!(failovers(&s), 0, "{s}");
+    assert_eq!(s["store"]["reachable"], false, "{s}");
+    let m = a.metrics().expect("metrics");
+    assert_eq!(
+        metric(
+            &m,
+            "pglb_promoter_leadership_changes_total",
+            &[("to", "follower")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(cluster.node(1).in_recovery() && cluster.node(2).in_recovery());
+}
+
 /// The leader dies between its guarded record (naming the replica it chose) and `pg_promote`,
 /// and the old primary comes straight back. Whichever comes first (the other promoter finishing
 /// the failover, or the old primary back), the store ends naming the one writable server.
