@@ -39,7 +39,13 @@ pub struct Link {
     switchover_checked: Mutex<Option<tokio::time::Instant>>,
     /// The journal may hold steps of a failover that has since converged.
     journal_dirty: AtomicBool,
+    /// Other promoters' views: id → (their look counter, when we saw it move, the primary
+    /// they see).
+    peers: Mutex<std::collections::HashMap<String, PeerSeen>>,
 }
+
+/// Another promoter's view as last read: its look counter, when we saw it move, its primary.
+type PeerSeen = (u64, tokio::time::Instant, Option<String>);
 
 impl Link {
     /// Connects to the store and starts campaigning as `id`.
@@ -55,6 +61,7 @@ impl Link {
             campaign: Mutex::new(Some(campaign)),
             switchover_checked: Mutex::new(None),
             journal_dirty: AtomicBool::new(true),
+            peers: Mutex::new(std::collections::HashMap::new()),
         }))
     }
 
@@ -335,6 +342,33 @@ impl Link {
         true
     }
 
+    /// The other promoters whose view moved within `max_age` and names a primary.
+    pub fn witnesses(&self, max_age: Duration) -> Vec<(String, String)> {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(String, String)> = peers
+            .iter()
+            .filter(|(_, (_, moved, _))| moved.elapsed() <= max_age)
+            .filter_map(|(id, (_, _, p))| p.clone().map(|p| (id.clone(), p)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn note_peers(&self, members: &[crate::store::Member]) {
+        let now = tokio::time::Instant::now();
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.retain(|id, _| members.iter().any(|m| &m.id == id));
+        for m in members.iter().filter(|m| m.id != self.id) {
+            let e =
+                peers
+                    .entry(m.id.clone())
+                    .or_insert((m.view.looks, now, m.view.primary.clone()));
+            if e.0 != m.view.looks {
+                *e = (m.view.looks, now, m.view.primary.clone());
+            }
+        }
+    }
+
     /// Publishes this promoter's view under its member lease, beside the loop (at most one
     /// publish in flight).
     pub fn publish(self: &Arc<Self>, view: MemberView) {
@@ -575,6 +609,9 @@ pub async fn follow(
             was_leader = Some(leading);
         }
         let members = link.store.members().await;
+        if let Ok(ms) = &members {
+            link.note_peers(ms);
+        }
         let rec = link.recorded();
         shared.update(|st| {
             let s = st.store.get_or_insert_with(StoreStatus::default);

@@ -85,6 +85,10 @@ pub struct State {
     /// Whether this promoter may change servers (with a store: it is the leader now). When
     /// false, `decide` still assesses every look but issues no command that changes a server.
     pub may_act: bool,
+    /// With a store: the other promoters whose published view is fresh and names a primary,
+    /// as `(id, primary)`. Witnesses like pglb: one that still sees a primary holds a
+    /// failover back.
+    pub peers: Vec<(String, String)>,
 }
 
 impl State {
@@ -99,6 +103,7 @@ impl State {
             awaiting: BTreeMap::new(),
             decision: None,
             may_act: true,
+            peers: Vec::new(),
         }
     }
 
@@ -229,6 +234,8 @@ pub enum WaitReason {
     },
     /// pglb still sees a primary.
     PglbSeesPrimary { primary: String },
+    /// Another promoter (with a store) still sees a primary.
+    PromoterSeesPrimary { promoter: String, primary: String },
     /// Synchronous mode: a replica that may hold acknowledged commits cannot be compared.
     SyncReplicaUnreachable { unreachable: Vec<String> },
     /// Nobody may be promoted.
@@ -247,6 +254,7 @@ impl WaitReason {
             WaitReason::NoReplicaReachable { .. } => "no_replica_reachable",
             WaitReason::ReplicasStillStreaming { .. } => "replicas_still_streaming",
             WaitReason::PglbSeesPrimary { .. } => "pglb_sees_primary",
+            WaitReason::PromoterSeesPrimary { .. } => "promoter_sees_primary",
             WaitReason::SyncReplicaUnreachable { .. } => "sync_replica_unreachable",
             WaitReason::NoCandidate { .. } => "no_candidate",
             WaitReason::SplitBrain { .. } => "split_brain",
@@ -294,6 +302,10 @@ impl fmt::Display for WaitReason {
                     "witnesses disagree: pglb still sees {primary} as primary"
                 )
             }
+            WaitReason::PromoterSeesPrimary { promoter, primary } => write!(
+                f,
+                "witnesses disagree: promoter {promoter} still sees {primary} as primary"
+            ),
             WaitReason::SyncReplicaUnreachable { unreachable } => write!(
                 f,
                 "synchronous mode: {} unreachable and may hold acknowledged commits",
@@ -656,6 +668,14 @@ fn failure(obs: &Observation, state: &State, replicas: &[&NodeObservation]) -> D
                 },
             };
         }
+    }
+    if let Some((promoter, primary)) = state.peers.first() {
+        return Decision::Wait {
+            reason: WaitReason::PromoterSeesPrimary {
+                promoter: promoter.clone(),
+                primary: primary.clone(),
+            },
+        };
     }
     if policy.synchronous {
         // The failed primary is unreachable too: the one this process saw, or the one the
@@ -1616,6 +1636,19 @@ pub(crate) mod tests {
         let mut state = State::new(policy(), Instant::now() - Duration::from_secs(3));
         let cs = decide(&obs_at(primary_dead()), &mut state, Instant::now());
         assert_eq!(kinds(&cs), ["failover"]);
+    }
+
+    #[test]
+    fn another_promoter_seeing_the_primary_blocks() {
+        let mut w = World::new();
+        w.look(0.0, healthy(), no_pglb());
+        w.state.peers = vec![("b".into(), "pg-0".into())];
+        let d = w.look(3.5, primary_dead(), no_pglb());
+        assert_eq!(wait_kind(&d), "promoter_sees_primary");
+        // Its view no longer names a primary (or went stale): the failover goes ahead.
+        w.state.peers.clear();
+        let d = w.look(3.7, primary_dead(), no_pglb());
+        assert_eq!(d.kind(), "failover");
     }
 
     #[test]

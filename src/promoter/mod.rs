@@ -425,7 +425,7 @@ fn single_primary(obs: &Observation, state: &State) -> Option<(String, u32)> {
 }
 
 /// What this promoter sees, for the other promoters and the status pages.
-fn member_view(obs: &Observation, state: &State) -> MemberView {
+fn member_view(obs: &Observation, state: &State, looks: u64) -> MemberView {
     let primary = single_primary(obs, state);
     let (reachable, unreachable): (Vec<_>, Vec<_>) =
         obs.nodes.iter().partition(|n| n.reachable().is_some());
@@ -434,6 +434,7 @@ fn member_view(obs: &Observation, state: &State) -> MemberView {
         timeline: primary.map(|(_, tl)| tl),
         reachable: reachable.iter().map(|n| n.name().to_string()).collect(),
         unreachable: unreachable.iter().map(|n| n.name().to_string()).collect(),
+        looks,
     }
 }
 
@@ -587,6 +588,7 @@ async fn run_loop<P, F, O, Fut>(
     let mut warned = HashMap::new();
     let fences = TaskTracker::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut looks: u64 = 0;
 
     loop {
         tokio::select! {
@@ -617,10 +619,16 @@ async fn run_loop<P, F, O, Fut>(
         // The gate where decisions become commands: only a leader (or a promoter without a
         // store) gets commands that change servers; `Guarded` checks again at each change.
         state.may_act = link.as_ref().is_none_or(|l| l.is_leader());
+        // Other promoters as witnesses: a view that moved lately (within two of our looks
+        // and two store reads) and still names a primary holds a failover back.
+        state.peers = link.as_ref().map_or(vec![], |l| {
+            l.witnesses(settings.interval * 2 + Duration::from_secs(2))
+        });
+        looks += 1;
         let commands = decide::decide(&obs, &mut state, now);
         publish(&shared, &obs, &state, &settings);
         if let Some(l) = &link {
-            l.publish(member_view(&obs, &state));
+            l.publish(member_view(&obs, &state, looks));
             if let Some((p, tl)) = single_primary(&obs, &state) {
                 l.keep_record(&obs, &p, tl).await;
                 if matches!(&state.decision, Some(Decision::Steady { not_streaming, .. }) if not_streaming.is_empty())

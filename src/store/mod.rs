@@ -324,6 +324,9 @@ pub struct MemberView {
     /// Servers it cannot reach or log into.
     #[serde(default)]
     pub unreachable: Vec<String>,
+    /// How many looks it has taken: a counter that stops moving marks a stale view.
+    #[serde(default)]
+    pub looks: u64,
 }
 
 /// A published member view as read back.
