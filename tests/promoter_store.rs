@@ -415,6 +415,45 @@ async fn a_leader_cut_off_from_etcd_alone_stops_acting_within_the_lease() {
     assert!(cluster.node(1).in_recovery() && cluster.node(2).in_recovery());
 }
 
+/// A replica promoted by hand (outside the promoters) while the store names pg-0: the leader
+/// keeps pg-0 as the primary and fences the other, newer timeline or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_promoted_by_hand_is_fenced_while_the_store_names_another() {
+    let etcd = EtcdCluster::start();
+    let cluster = failover_cluster(2);
+    let lb = Pglb::start(&cluster).await;
+    let a = with_store(&etcd, "a").start(&lb);
+    wait_leading(&a, "a").await;
+    a.wait_status(T, "the record of pg-0", |s| {
+        s["store"]["record"]["name"] == "pg-0"
+    })
+    .await;
+    cluster.node(1).promote();
+    let s = a
+        .wait_status(T, "pg-1 fenced, pg-0 still the primary", |s| {
+            s["primary"] == "pg-0"
+                && s["fenced"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|n| n == "pg-1"))
+        })
+        .await;
+    assert_eq!(s["store"]["record"]["name"], "pg-0", "{s}");
+    assert_eq!(failovers(&s), 0, "{s}");
+    assert_eq!(
+        cluster
+            .node(1)
+            .exec("SELECT current_setting('default_transaction_read_only')"),
+        "on"
+    );
+    assert!(!cluster.node(0).in_recovery());
+    assert_eq!(
+        cluster
+            .node(0)
+            .exec("SELECT current_setting('default_transaction_read_only')"),
+        "off"
+    );
+}
+
 /// The leader dies between its guarded record (naming the replica it chose) and `pg_promote`,
 /// and the old primary comes straight back. Whichever comes first (the other promoter finishing
 /// the failover, or the old primary back), the store ends naming the one writable server.

@@ -42,6 +42,8 @@ pub struct Link {
     /// Other promoters' views: id → (their look counter, when we saw it move, the primary
     /// they see).
     peers: Mutex<std::collections::HashMap<String, PeerSeen>>,
+    /// This promoter's last committed record and its revision.
+    written: Mutex<Option<(PrimaryRecord, i64)>>,
 }
 
 /// Another promoter's view as last read: its look counter, when we saw it move, its primary.
@@ -62,6 +64,7 @@ impl Link {
             switchover_checked: Mutex::new(None),
             journal_dirty: AtomicBool::new(true),
             peers: Mutex::new(std::collections::HashMap::new()),
+            written: Mutex::new(None),
         }))
     }
 
@@ -91,6 +94,21 @@ impl Link {
     /// The recorded primary as last seen (watched).
     pub fn recorded(&self) -> PrimaryState {
         self.primary.borrow().clone()
+    }
+
+    /// The newest record known here: the watched one, or this promoter's own last write when
+    /// the watch has not caught up with it yet.
+    pub fn current_record(&self) -> Option<PrimaryRecord> {
+        let watched = self.recorded();
+        let written = self
+            .written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match written {
+            Some((r, rev)) if rev > watched.revision => Some(r),
+            _ => watched.record,
+        }
     }
 
     /// The valid leadership, or why not.
@@ -176,7 +194,11 @@ impl Link {
     pub async fn record(&self, record: &PrimaryRecord) -> Result<(), ActError> {
         let leadership = self.acting(&record.name, "record primary")?;
         match self.store.record_primary(&leadership, record).await {
-            Ok(_) => Ok(()),
+            Ok(revision) => {
+                *self.written.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((record.clone(), revision));
+                Ok(())
+            }
             Err(e) => {
                 let e = Self::store_error(&record.name, "record primary", e);
                 warn!(primary = %record.name, error = %e, "guarded record of the primary failed");

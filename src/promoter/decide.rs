@@ -89,6 +89,10 @@ pub struct State {
     /// as `(id, primary)`. Witnesses like pglb: one that still sees a primary holds a
     /// failover back.
     pub peers: Vec<(String, String)>,
+    /// With a store: the recorded primary's name. While it is writable it is the primary,
+    /// and any other writable server is stale (fenced), even on a newer timeline: a server
+    /// promoted outside the promoter is not followed.
+    pub recorded: Option<String>,
 }
 
 impl State {
@@ -104,6 +108,7 @@ impl State {
             decision: None,
             may_act: true,
             peers: Vec::new(),
+            recorded: None,
         }
     }
 
@@ -181,6 +186,21 @@ pub fn topology<'a>(obs: &'a Observation, state: &State) -> Topology<'a> {
             current.push(n);
         } else {
             stale.push(n);
+        }
+    }
+    if let Some(name) = state.recorded.as_deref() {
+        let recorded = current.iter().chain(&stale).find(|n| n.name() == name);
+        if let Some(&p) = recorded {
+            let others = current
+                .into_iter()
+                .chain(stale)
+                .filter(|n| n.name() != name)
+                .collect();
+            return Topology {
+                primary: Primary::One(p),
+                stale: others,
+                replicas,
+            };
         }
     }
     let primary = match current.len() {
@@ -1636,6 +1656,48 @@ pub(crate) mod tests {
         let mut state = State::new(policy(), Instant::now() - Duration::from_secs(3));
         let cs = decide(&obs_at(primary_dead()), &mut state, Instant::now());
         assert_eq!(kinds(&cs), ["failover"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_record_a_server_promoted_by_hand_is_fenced_not_followed() {
+        // pg-1 promoted outside the promoter (timeline 2) while the store names pg-0.
+        let by_hand = || {
+            vec![
+                node(member("pg-0", 5000), primary_status(1, 300, &["pg-2"])),
+                node(member("pg-1", 5001), primary_status(2, 200, &[])),
+                node(member("pg-2", 5002), replica_status(1, 300, 5000, true)),
+            ]
+        };
+        let mut state = State::new(policy(), Instant::now());
+        state.recorded = Some("pg-0".into());
+        let cs = decide(&obs_at(by_hand()), &mut state, Instant::now());
+        assert_eq!(
+            cs,
+            [Command::Fence {
+                node: member("pg-1", 5001),
+                primary: Some("pg-0".into()),
+                newest_timeline: 2
+            }]
+        );
+        assert_eq!(
+            state.decision,
+            Some(Decision::Steady {
+                primary: "pg-0".into(),
+                not_streaming: vec![]
+            })
+        );
+        // Without a record (no store) the newest timeline wins, as before.
+        let mut state = State::new(policy(), Instant::now());
+        let cs = decide(&obs_at(by_hand()), &mut state, Instant::now());
+        assert_eq!(kinds(&cs), ["fence", "repoint"]);
+        // A recorded server that is not writable does not make a primary.
+        let mut state = State::new(policy(), Instant::now());
+        state.recorded = Some("pg-2".into());
+        decide(&obs_at(by_hand()), &mut state, Instant::now());
+        assert_eq!(
+            state.decision.as_ref().map(Decision::kind),
+            Some("reconcile")
+        );
     }
 
     #[test]

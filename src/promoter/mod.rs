@@ -625,6 +625,10 @@ async fn run_loop<P, F, O, Fut>(
             l.witnesses(settings.interval * 2 + Duration::from_secs(2))
         });
         looks += 1;
+        state.recorded = link
+            .as_ref()
+            .and_then(|l| l.current_record())
+            .map(|r| r.name);
         let commands = decide::decide(&obs, &mut state, now);
         publish(&shared, &obs, &state, &settings);
         if let Some(l) = &link {
