@@ -116,6 +116,15 @@ fn dry_run_belongs_to_the_sidecar_only() {
     assert!(err.contains("--dry-run applies to the sidecar"), "{err}");
 }
 
+#[test]
+fn an_id_that_cannot_name_a_store_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = offline_config(dir.path());
+    let (st, _, err) = promoter(&["--config", path.to_str().unwrap(), "--id", "a/b"]);
+    assert_eq!(st.code(), Some(64), "{err}");
+    assert!(err.contains("--id"), "{err}");
+}
+
 /// `run --dry-run` (kept working) starts the sidecar in dry-run mode, with both pglb listed as
 /// witnesses (neither runs here: both unreachable).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,6 +134,7 @@ async fn run_dry_run_still_works() {
     let log = std::fs::File::create(dir.path().join("promoter.log")).unwrap();
     let mut child = Command::new(promoter_bin())
         .args(["--config", path.to_str().unwrap(), "run", "--dry-run"])
+        .args(["--id", "promoter-a.1"])
         .env_remove("PGLB_CHECK_PASSWORD")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -140,6 +150,7 @@ async fn run_dry_run_still_works() {
         last = body;
         let s: serde_json::Value = serde_json::from_str(&last).unwrap_or_default();
         s["dry_run"] == true
+            && s["id"] == "promoter-a.1"
             && s["looks"].as_u64().unwrap_or(0) > 0
             && s["witnesses"].as_array().map(Vec::len) == Some(2)
             && s["witnesses"][1]["state"] == "unreachable"

@@ -108,6 +108,7 @@ async fn two_campaigners_exactly_one_leads_and_only_it_records() {
         timeline: Some(2),
         reachable: vec!["pg-1".into(), "pg-2".into()],
         unreachable: vec![],
+        looks: 7,
     };
     s.publish_member(lose_id, &view).await.unwrap();
     s.publish_member(win_id, &MemberView::default())

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand};
-use pglb::config::{Config, Secrets};
+use pglb::config::{Config, Secrets, StoreKind};
 use pglb::promoter::{self, promote::PgPromoter, settings::Settings};
 use pglb::telemetry::{init_logging, LogFormat};
 
@@ -36,6 +36,10 @@ struct Args {
     /// Same as `run --dry-run`: observe and decide, log what would be done, change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// This promoter's identity: in its logs, `/status`, and with `[store]` the leader key and
+    /// its member key. Unique among the promoters of one cluster. Default: the host name.
+    #[arg(long, global = true, env = "PGLB_PROMOTER_ID")]
+    id: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -127,6 +131,19 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    let id = match args.id.clone().map(Ok).unwrap_or_else(promoter::default_id) {
+        Ok(id) if promoter::valid_id(&id) => id,
+        Ok(id) => {
+            eprintln!(
+                "pglb-promoter: --id {id:?}: use 1 to 128 characters among letters, digits, '.', '_' and '-'"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e) => {
+            eprintln!("pglb-promoter: no --id given and the host name is unreadable: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     init_logging(args.log_format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -138,9 +155,15 @@ fn main() -> ExitCode {
     let result: anyhow::Result<()> = rt.block_on(async move {
         match command {
             Command::Run { dry_run } => {
-                promoter::run(config, promoter::RunOptions { dry_run }).await
+                promoter::run(config, promoter::RunOptions { dry_run, id }).await
             }
             Command::Check => Ok(()),
+            Command::Switchover { to, timeout } if config.store.kind == StoreKind::Etcd => {
+                // With a store the leader switches over (through its guarded record).
+                let report = promoter::switchover::request(&config.store, &to, timeout).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
             Command::Switchover { to, timeout } => {
                 let pg = PgPromoter::new(std::sync::Arc::new(settings.clone()));
                 let report = promoter::switchover::run(&pg, &settings, &to, timeout).await?;

@@ -250,6 +250,37 @@ async fn promoter_panel(addr: &str) -> stats_page::PromoterPanel {
             if s.dry_run {
                 summary.push_str(" · dry run");
             }
+            if let Some(st) = &s.store {
+                // Several promoters: who leads, whether the store answers, what it records.
+                summary.push_str(&format!(
+                    " · promoter {} ({}) · store leader: {}{}",
+                    s.id,
+                    if st.is_leader { "leader" } else { "follower" },
+                    st.leader.as_deref().unwrap_or("none"),
+                    if st.reachable {
+                        ""
+                    } else {
+                        " (store unreachable)"
+                    }
+                ));
+                if let Some(r) = &st.record {
+                    summary.push_str(&format!(
+                        " · recorded primary: {} (timeline {}, epoch {})",
+                        r.name, r.timeline, r.epoch
+                    ));
+                }
+                let members: Vec<String> = st
+                    .members
+                    .iter()
+                    .map(|m| match m.lease_age_seconds {
+                        Some(age) => format!("{} ({age:.0} s)", m.id),
+                        None => m.id.clone(),
+                    })
+                    .collect();
+                if !members.is_empty() {
+                    summary.push_str(&format!(" · promoters: {}", members.join(", ")));
+                }
+            }
             let last_failover = s.last_failover.map(|f| {
                 let at =
                     std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(f.at_unix.max(0.0));

@@ -82,6 +82,17 @@ pub struct State {
     pub awaiting: BTreeMap<String, Awaiting>,
     /// The assessment behind the last commands (for `/status`, logs and metrics).
     pub decision: Option<Decision>,
+    /// Whether this promoter may change servers (with a store: it is the leader now). When
+    /// false, `decide` still assesses every look but issues no command that changes a server.
+    pub may_act: bool,
+    /// With a store: the other promoters whose published view is fresh and names a primary,
+    /// as `(id, primary)`. Witnesses like pglb: one that still sees a primary holds a
+    /// failover back.
+    pub peers: Vec<(String, String)>,
+    /// With a store: the recorded primary's name. While it is writable it is the primary,
+    /// and any other writable server is stale (fenced), even on a newer timeline: a server
+    /// promoted outside the promoter is not followed.
+    pub recorded: Option<String>,
 }
 
 impl State {
@@ -95,6 +106,9 @@ impl State {
             retry_at: None,
             awaiting: BTreeMap::new(),
             decision: None,
+            may_act: true,
+            peers: Vec::new(),
+            recorded: None,
         }
     }
 
@@ -174,6 +188,21 @@ pub fn topology<'a>(obs: &'a Observation, state: &State) -> Topology<'a> {
             stale.push(n);
         }
     }
+    if let Some(name) = state.recorded.as_deref() {
+        let recorded = current.iter().chain(&stale).find(|n| n.name() == name);
+        if let Some(&p) = recorded {
+            let others = current
+                .into_iter()
+                .chain(stale)
+                .filter(|n| n.name() != name)
+                .collect();
+            return Topology {
+                primary: Primary::One(p),
+                stale: others,
+                replicas,
+            };
+        }
+    }
     let primary = match current.len() {
         0 => Primary::None,
         1 => Primary::One(current[0]),
@@ -225,6 +254,8 @@ pub enum WaitReason {
     },
     /// pglb still sees a primary.
     PglbSeesPrimary { primary: String },
+    /// Another promoter (with a store) still sees a primary.
+    PromoterSeesPrimary { promoter: String, primary: String },
     /// Synchronous mode: a replica that may hold acknowledged commits cannot be compared.
     SyncReplicaUnreachable { unreachable: Vec<String> },
     /// Nobody may be promoted.
@@ -243,6 +274,7 @@ impl WaitReason {
             WaitReason::NoReplicaReachable { .. } => "no_replica_reachable",
             WaitReason::ReplicasStillStreaming { .. } => "replicas_still_streaming",
             WaitReason::PglbSeesPrimary { .. } => "pglb_sees_primary",
+            WaitReason::PromoterSeesPrimary { .. } => "promoter_sees_primary",
             WaitReason::SyncReplicaUnreachable { .. } => "sync_replica_unreachable",
             WaitReason::NoCandidate { .. } => "no_candidate",
             WaitReason::SplitBrain { .. } => "split_brain",
@@ -290,6 +322,10 @@ impl fmt::Display for WaitReason {
                     "witnesses disagree: pglb still sees {primary} as primary"
                 )
             }
+            WaitReason::PromoterSeesPrimary { promoter, primary } => write!(
+                f,
+                "witnesses disagree: promoter {promoter} still sees {primary} as primary"
+            ),
             WaitReason::SyncReplicaUnreachable { unreachable } => write!(
                 f,
                 "synchronous mode: {} unreachable and may hold acknowledged commits",
@@ -559,9 +595,14 @@ fn maintain(
         }
         let rst = r.reachable().expect("replicas are reachable");
         // A replica on an older timeline has not followed a promotion: point it at the
-        // primary. One on the primary's timeline that streams from elsewhere (or nowhere) was
-        // set up so by someone: leave it alone and show it.
-        if rst.timeline < pst.timeline && !follows(rst, &r.member, &p.member) {
+        // primary. So is one whose receiver a failover stopped (its conninfo saved aside and
+        // emptied) and that nobody put back: the promoter that did it died. One on the
+        // primary's timeline that streams from elsewhere (or nowhere) was set up so by
+        // someone: leave it alone and show it.
+        let held_by_failover =
+            rst.primary_conninfo.is_empty() && !rst.saved_primary_conninfo.is_empty();
+        if (rst.timeline < pst.timeline && !follows(rst, &r.member, &p.member)) || held_by_failover
+        {
             actions.push(Action::Repoint {
                 replica: r.member.clone(),
                 primary: p.member.clone(),
@@ -647,6 +688,14 @@ fn failure(obs: &Observation, state: &State, replicas: &[&NodeObservation]) -> D
                 },
             };
         }
+    }
+    if let Some((promoter, primary)) = state.peers.first() {
+        return Decision::Wait {
+            reason: WaitReason::PromoterSeesPrimary {
+                promoter: promoter.clone(),
+                primary: primary.clone(),
+            },
+        };
     }
     if policy.synchronous {
         // The failed primary is unreachable too: the one this process saw, or the one the
@@ -842,7 +891,13 @@ pub fn decide(obs: &Observation, state: &mut State, now: Instant) -> Vec<Command
         _ => None,
     };
     let newest_timeline = state.timelines.values().max().copied().unwrap_or(0);
-    for node in to_fence(obs, state) {
+    // A promoter that may not act (not the leader) issues no fence; it would not report back.
+    let fence = if state.may_act {
+        to_fence(obs, state)
+    } else {
+        vec![]
+    };
+    for node in fence {
         if state.fencing.insert(node.name.clone()) {
             commands.push(Command::Fence {
                 node,
@@ -881,6 +936,8 @@ pub fn decide(obs: &Observation, state: &mut State, now: Instant) -> Vec<Command
     let decision = assess(obs, state);
     match &decision {
         Decision::Steady { .. } | Decision::Wait { .. } => {}
+        // The gate: a promoter that may not act only assesses.
+        Decision::Reconcile { .. } | Decision::Failover(_) if !state.may_act => {}
         Decision::Reconcile { actions, .. } => {
             commands.extend(actions.iter().cloned().map(Command::Act));
         }
@@ -920,6 +977,7 @@ pub(crate) mod tests {
             receiver: None,
             primary_conninfo: String::new(),
             primary_slot_name: String::new(),
+            saved_primary_conninfo: String::new(),
             read_only: false,
             synchronous_standby_names: String::new(),
             streaming_standbys: vec![],
@@ -1572,6 +1630,116 @@ pub(crate) mod tests {
         );
         assert_eq!(state.retry_at, None);
         assert_eq!(state.awaiting["pg-2"].primary, "pg-1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_promoter_that_may_not_act_assesses_but_changes_nothing() {
+        let mut state = State::new(policy(), Instant::now());
+        state.may_act = false;
+        assert!(decide(&obs_at(healthy()), &mut state, Instant::now()).is_empty());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        // A failover is due: assessed, not issued.
+        let cs = decide(&obs_at(primary_dead()), &mut state, Instant::now());
+        assert!(cs.is_empty(), "{cs:?}");
+        assert_eq!(
+            state.decision.as_ref().map(Decision::kind),
+            Some("failover")
+        );
+        // A stale primary: no fence, and none remembered as in flight.
+        let cs = decide(&obs_at(stale_pg0()), &mut state, Instant::now());
+        assert!(cs.is_empty(), "{cs:?}");
+        assert!(state.fencing.is_empty());
+        // Leading now: the same look gives the commands at once (the failover clock ran on).
+        state.may_act = true;
+        let cs = decide(&obs_at(stale_pg0()), &mut state, Instant::now());
+        assert_eq!(kinds(&cs), ["fence"]);
+        let mut state = State::new(policy(), Instant::now() - Duration::from_secs(3));
+        let cs = decide(&obs_at(primary_dead()), &mut state, Instant::now());
+        assert_eq!(kinds(&cs), ["failover"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_record_a_server_promoted_by_hand_is_fenced_not_followed() {
+        // pg-1 promoted outside the promoter (timeline 2) while the store names pg-0.
+        let by_hand = || {
+            vec![
+                node(member("pg-0", 5000), primary_status(1, 300, &["pg-2"])),
+                node(member("pg-1", 5001), primary_status(2, 200, &[])),
+                node(member("pg-2", 5002), replica_status(1, 300, 5000, true)),
+            ]
+        };
+        let mut state = State::new(policy(), Instant::now());
+        state.recorded = Some("pg-0".into());
+        let cs = decide(&obs_at(by_hand()), &mut state, Instant::now());
+        assert_eq!(
+            cs,
+            [Command::Fence {
+                node: member("pg-1", 5001),
+                primary: Some("pg-0".into()),
+                newest_timeline: 2
+            }]
+        );
+        assert_eq!(
+            state.decision,
+            Some(Decision::Steady {
+                primary: "pg-0".into(),
+                not_streaming: vec![]
+            })
+        );
+        // Without a record (no store) the newest timeline wins, as before.
+        let mut state = State::new(policy(), Instant::now());
+        let cs = decide(&obs_at(by_hand()), &mut state, Instant::now());
+        assert_eq!(kinds(&cs), ["fence", "repoint"]);
+        // A recorded server that is not writable does not make a primary.
+        let mut state = State::new(policy(), Instant::now());
+        state.recorded = Some("pg-2".into());
+        decide(&obs_at(by_hand()), &mut state, Instant::now());
+        assert_eq!(
+            state.decision.as_ref().map(Decision::kind),
+            Some("reconcile")
+        );
+    }
+
+    #[test]
+    fn another_promoter_seeing_the_primary_blocks() {
+        let mut w = World::new();
+        w.look(0.0, healthy(), no_pglb());
+        w.state.peers = vec![("b".into(), "pg-0".into())];
+        let d = w.look(3.5, primary_dead(), no_pglb());
+        assert_eq!(wait_kind(&d), "promoter_sees_primary");
+        // Its view no longer names a primary (or went stale): the failover goes ahead.
+        w.state.peers.clear();
+        let d = w.look(3.7, primary_dead(), no_pglb());
+        assert_eq!(d.kind(), "failover");
+    }
+
+    #[test]
+    fn a_replica_left_held_by_an_interrupted_failover_is_repointed() {
+        // pg-0 came back (or never died); pg-1's receiver was stopped by a failover whose
+        // promoter died: conninfo emptied, the old one saved aside.
+        let mut held = replica_status(1, 100, 5000, false);
+        held.primary_conninfo = String::new();
+        held.saved_primary_conninfo = "host=127.0.0.1 port=5000 user=replicator".into();
+        let mut w = World::new();
+        let d = w.look(
+            0.0,
+            vec![
+                node(member("pg-0", 5000), primary_status(1, 100, &["pg-2"])),
+                node(member("pg-1", 5001), held),
+                node(member("pg-2", 5002), replica_status(1, 100, 5000, true)),
+            ],
+            no_pglb(),
+        );
+        assert_eq!(
+            d,
+            Decision::Reconcile {
+                primary: "pg-0".into(),
+                actions: vec![Action::Repoint {
+                    replica: member("pg-1", 5001),
+                    primary: member("pg-0", 5000),
+                }],
+            }
+        );
     }
 
     /// pg-1 promoted (timeline 2), pg-0 back writable on timeline 1, pg-2 on timeline 2.

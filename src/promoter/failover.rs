@@ -112,6 +112,13 @@ pub enum FailoverError {
     },
     #[error("{node} did not leave recovery after pg_promote")]
     NotPromoted { node: String },
+    /// The store gate refused: not the leader, or the guarded record did not commit. Nobody
+    /// was promoted by this attempt.
+    #[error("not promoted without the store's record: {source}")]
+    Guard {
+        #[source]
+        source: ActError,
+    },
 }
 
 impl FailoverError {
@@ -121,6 +128,10 @@ impl FailoverError {
             FailoverError::NoCandidate(_) => "no_candidate",
             FailoverError::Promote { .. } => "promote_failed",
             FailoverError::NotPromoted { .. } => "not_promoted",
+            FailoverError::Guard {
+                source: ActError::NotLeader { .. },
+            } => "not_leader",
+            FailoverError::Guard { .. } => "store_unavailable",
         }
     }
 }
@@ -198,20 +209,35 @@ pub async fn run<P: Promoter>(
         "failover: primary failed, witnesses agree"
     );
 
+    // With a store: the journal of this failover opens (and only a leader gets further).
+    p.begin_failover()
+        .await
+        .map_err(|source| FailoverError::Guard { source })?;
+
     // 1. Hold every replica still (all at once: each step is a fresh login).
     let results = join_all(plan.replicas.iter().map(|r| p.stop_receiver(r))).await;
     let mut stopped: Vec<(Member, String)> = Vec::new();
+    let mut refused = None;
     for (r, res) in plan.replicas.iter().zip(results) {
         match res {
             Ok(prev) => {
                 info!(step = "stop_receiver", node = %r.name, "failover: WAL receiver stopped");
                 stopped.push((r.clone(), prev));
             }
+            Err(e) if e.is_guard() => {
+                warn!(step = "stop_receiver", node = %r.name, error = %e, "failover: refused by the store gate");
+                refused = Some(e);
+            }
             Err(e) => {
                 warn!(step = "stop_receiver", node = %r.name, error = %e, "failover: cannot stop WAL receiver; replica left out")
             }
         }
     }
+    if let Some(source) = refused {
+        restore(p, &stopped).await;
+        return Err(FailoverError::Guard { source });
+    }
+    super::failpoint::crash_after("receivers_stopped");
     let members: Vec<Member> = stopped.iter().map(|(m, _)| m.clone()).collect();
     let deadline = Instant::now() + limits.receiver_stop;
     let compared = loop {
@@ -238,21 +264,26 @@ pub async fn run<P: Promoter>(
     let result = choose_and_promote(p, plan, limits, &compared, started).await;
     if result.is_err() {
         // Nobody was promoted: put the receivers back as they were.
-        for (m, prev) in &stopped {
-            if prev.is_empty() {
-                continue;
+        restore(p, &stopped).await;
+    }
+    result
+}
+
+/// Puts back the receivers a failover stopped (one that promoted nobody).
+async fn restore<P: Promoter>(p: &P, stopped: &[(Member, String)]) {
+    for (m, prev) in stopped {
+        if prev.is_empty() {
+            continue;
+        }
+        match p.restore_receiver(m, prev).await {
+            Ok(()) => {
+                info!(step = "restore_receiver", node = %m.name, "failover abandoned: WAL receiver restored")
             }
-            match p.restore_receiver(m, prev).await {
-                Ok(()) => {
-                    info!(step = "restore_receiver", node = %m.name, "failover abandoned: WAL receiver restored")
-                }
-                Err(e) => {
-                    warn!(step = "restore_receiver", node = %m.name, error = %e, "failover abandoned: cannot restore WAL receiver")
-                }
+            Err(e) => {
+                warn!(step = "restore_receiver", node = %m.name, error = %e, "failover abandoned: cannot restore WAL receiver")
             }
         }
     }
-    result
 }
 
 async fn choose_and_promote<P: Promoter>(
@@ -330,6 +361,7 @@ async fn choose_and_promote<P: Promoter>(
         limits,
         started,
         choice.lsn,
+        choice.timeline,
     )
     .await
 }
@@ -347,12 +379,19 @@ pub async fn promote_and_follow<P: Promoter>(
     limits: &Limits,
     started: Instant,
     lsn: Lsn,
+    from_timeline: u32,
 ) -> Result<Promotion, FailoverError> {
     let node = candidate.name.clone();
     let promote_err = |source| FailoverError::Promote {
         node: node.clone(),
         source,
     };
+    // No committed record, no promotion (with a store; without one this passes).
+    super::failpoint::pause_before("record_primary");
+    p.guard_promotion(candidate, from_timeline)
+        .await
+        .map_err(|source| FailoverError::Guard { source })?;
+    super::failpoint::crash_after("recorded");
     let sync = synchronous.then(|| sync_names(members, &candidate.name));
     p.prepare(candidate, sync.as_deref())
         .await
@@ -376,6 +415,10 @@ pub async fn promote_and_follow<P: Promoter>(
         after_s = promoted_after.as_secs_f64(),
         "promoted"
     );
+    super::failpoint::crash_after("promoted");
+    if let Err(e) = p.promoted(candidate, pos.timeline).await {
+        warn!(step = "record", node = %candidate.name, error = %e, "promoted, but the new timeline is not recorded yet; the leader's next look does it");
+    }
     let slots: Vec<String> = followers.iter().map(|f| f.slot_name()).collect();
     let results = join_all(slots.iter().map(|s| p.ensure_slot(candidate, s))).await;
     for (f, r) in followers.iter().zip(results) {
@@ -403,6 +446,9 @@ pub async fn promote_and_follow<P: Promoter>(
                 repoint_failed.push((f.name.clone(), e.to_string()));
             }
         }
+    }
+    if !repointed.is_empty() {
+        super::failpoint::crash_after("repointed");
     }
     Ok(Promotion {
         to: candidate.name.clone(),

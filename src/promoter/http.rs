@@ -58,6 +58,9 @@ pub struct NodeSummary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
+    /// This promoter's identity (`--id`, default the host name).
+    #[serde(default)]
+    pub id: String,
     pub dry_run: bool,
     pub config_file: String,
     pub started_unix: f64,
@@ -88,6 +91,13 @@ pub struct Status {
     pub nodes: Vec<NodeSummary>,
     /// Last config reload, the same shape as pglb's (`result`, `error`, counts).
     pub reload: crate::reload::ReloadStatus,
+    /// With `[store]`: leader, members with lease age, reachability, recorded primary (null
+    /// without a store).
+    #[serde(default)]
+    pub store: Option<super::coordination::StoreStatus>,
+    /// Server changes this process did not make because the store gate refused them.
+    #[serde(default)]
+    pub guard_refusals: u64,
 }
 
 pub fn unix_now() -> f64 {
@@ -98,9 +108,10 @@ pub fn unix_now() -> f64 {
 }
 
 impl Status {
-    pub fn new(config_file: String, dry_run: bool) -> Status {
+    pub fn new(config_file: String, dry_run: bool, id: String) -> Status {
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
+            id,
             dry_run,
             config_file,
             started_unix: unix_now(),
@@ -121,6 +132,8 @@ impl Status {
             witnesses: Witnesses::default(),
             nodes: vec![],
             reload: Default::default(),
+            store: None,
+            guard_refusals: 0,
         }
     }
 }

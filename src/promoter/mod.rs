@@ -15,8 +15,10 @@
 //! This file wires the daemon: config reload, signals, the status server and the loop, which
 //! only looks, executes commands and feeds back their outcomes.
 
+pub mod coordination;
 pub mod decide;
 pub mod failover;
+pub mod failpoint;
 pub mod http;
 pub mod metrics;
 pub mod observe;
@@ -35,11 +37,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
-use crate::config::{Config, Secrets};
+use crate::config::{Config, Secrets, StoreKind};
 use crate::ratelimit::LogEvery;
 use crate::reload;
+use crate::store::{EtcdStore, MemberView};
+use coordination::{Guarded, Link};
 use decide::{Action, Command, Decision, Event, Policy, State};
 use http::{FailoverRecord, NodeSummary, Shared, Status};
 use observe::Observation;
@@ -51,6 +55,23 @@ use settings::Settings;
 pub struct RunOptions {
     /// Observe and decide, log what would be done, change nothing.
     pub dry_run: bool,
+    /// This promoter's identity (`--id`, default the host name): logs, `/status`, and with a
+    /// store its leader and member keys.
+    pub id: String,
+}
+
+/// The default identity: the host name (Linux: `/proc/sys/kernel/hostname`).
+pub fn default_id() -> std::io::Result<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string())
+}
+
+/// Whether `id` can name a promoter: it becomes part of store keys and a metric label, so 1 to
+/// 128 characters among ASCII letters, digits, '.', '_' and '-'.
+pub fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 fn policy(s: &Settings) -> Policy {
@@ -60,8 +81,14 @@ fn policy(s: &Settings) -> Policy {
 /// Runs the promoter until SIGTERM/SIGINT.
 pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let settings = Arc::new(Settings::from_config(&config)?);
+    // `[store]` is read once: a change needs a restart.
+    let store_config = config.store.clone();
     let shared = Arc::new(Shared {
-        status: Mutex::new(Status::new(config.path.display().to_string(), opts.dry_run)),
+        status: Mutex::new(Status::new(
+            config.path.display().to_string(),
+            opts.dry_run,
+            opts.id.clone(),
+        )),
         prometheus: crate::metrics::prometheus(),
     });
     let listener = tokio::net::TcpListener::bind(&settings.listen)
@@ -99,6 +126,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         },
     ));
     info!(
+        id = %opts.id,
         backends = settings.members.len(),
         failover_after = ?settings.failover_after,
         interval = ?settings.interval,
@@ -108,25 +136,56 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         dry_run = opts.dry_run,
         "pglb-promoter started"
     );
+    metrics::info(&opts.id);
+    let link = match store_config.kind {
+        StoreKind::None => None,
+        StoreKind::Etcd => {
+            let store = EtcdStore::connect(&store_config)
+                .await
+                .context("connect to the store ([store])")?;
+            let link = Link::start(store, &opts.id)
+                .await
+                .context("campaign for the leader key")?;
+            info!(id = %opts.id, endpoints = %store_config.endpoints.join(","), prefix = %store_config.prefix, lease_ttl = ?store_config.lease_ttl, "store: campaigning; only the leader changes servers");
+            background.spawn(coordination::follow(
+                link.clone(),
+                shared.clone(),
+                settings.interval.max(Duration::from_secs(1)),
+                shutdown.child_token(),
+            ));
+            Some(link)
+        }
+    };
     let observe = |s: Arc<Settings>| async move { observe::observe(&s).await };
+    // Every line the loop logs carries this promoter's id.
+    let span = tracing::info_span!("promoter", id = %opts.id);
     if opts.dry_run {
+        let l = link.clone();
         run_loop(
-            |s| DryRun(PgPromoter::new(s)),
+            move |s| Guarded::new(DryRun(PgPromoter::new(s)), l.clone()),
             observe,
             settings_rx,
             shared,
+            link.clone(),
             shutdown.clone(),
         )
+        .instrument(span)
         .await;
     } else {
+        let l = link.clone();
         run_loop(
-            PgPromoter::new,
+            move |s| Guarded::new(PgPromoter::new(s), l.clone()),
             observe,
             settings_rx,
             shared,
+            link.clone(),
             shutdown.clone(),
         )
+        .instrument(span)
         .await;
+    }
+    if let Some(l) = &link {
+        l.resign(Duration::from_secs(2)).await;
     }
     background.close();
     shutdown.cancel();
@@ -317,6 +376,29 @@ fn publish(shared: &Shared, obs: &Observation, state: &State, settings: &Setting
     });
 }
 
+/// The primary derived from the servers (one writable server on the newest timeline), with its
+/// timeline.
+fn single_primary(obs: &Observation, state: &State) -> Option<(String, u32)> {
+    match decide::topology(obs, state).primary {
+        decide::Primary::One(p) => p.reachable().map(|s| (p.name().to_string(), s.timeline)),
+        _ => None,
+    }
+}
+
+/// What this promoter sees, for the other promoters and the status pages.
+fn member_view(obs: &Observation, state: &State, looks: u64) -> MemberView {
+    let primary = single_primary(obs, state);
+    let (reachable, unreachable): (Vec<_>, Vec<_>) =
+        obs.nodes.iter().partition(|n| n.reachable().is_some());
+    MemberView {
+        primary: primary.as_ref().map(|(p, _)| p.clone()),
+        timeline: primary.map(|(_, tl)| tl),
+        reachable: reachable.iter().map(|n| n.name().to_string()).collect(),
+        unreachable: unreachable.iter().map(|n| n.name().to_string()).collect(),
+        looks,
+    }
+}
+
 /// Logs and counts the assessment of one look.
 /// What the loop has said lately: a steady cluster is said again after 5 min, a wait after 5 s; a
 /// change is said at once.
@@ -422,6 +504,9 @@ async fn execute_failover<P: Promoter>(
         }
         Err(e) => {
             metrics::failover(e.kind());
+            if matches!(e, failover::FailoverError::Guard { .. }) {
+                shared.update(|st| st.guard_refusals += 1);
+            }
             error!(decision = "failover", outcome = e.kind(), error = %e, "failover did not promote anybody");
             (
                 FailoverRecord {
@@ -463,6 +548,7 @@ async fn run_loop<P, F, O, Fut>(
     observe: O,
     mut settings_rx: watch::Receiver<Arc<Settings>>,
     shared: Arc<Shared>,
+    link: Option<Arc<Link>>,
     shutdown: CancellationToken,
 ) where
     P: Promoter + Clone + 'static,
@@ -479,6 +565,7 @@ async fn run_loop<P, F, O, Fut>(
     let mut warned = HashMap::new();
     let fences = TaskTracker::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut looks: u64 = 0;
 
     loop {
         tokio::select! {
@@ -506,8 +593,31 @@ async fn run_loop<P, F, O, Fut>(
         warn_slow_timeouts(&obs, &settings, &mut warned);
 
         let now = Instant::now();
+        // The gate where decisions become commands: only a leader (or a promoter without a
+        // store) gets commands that change servers; `Guarded` checks again at each change.
+        state.may_act = link.as_ref().is_none_or(|l| l.is_leader());
+        // Other promoters as witnesses: a view that moved lately (within two of our looks
+        // and two store reads) and still names a primary holds a failover back.
+        state.peers = link.as_ref().map_or(vec![], |l| {
+            l.witnesses(settings.interval * 2 + Duration::from_secs(2))
+        });
+        looks += 1;
+        state.recorded = link
+            .as_ref()
+            .and_then(|l| l.current_record())
+            .map(|r| r.name);
         let commands = decide::decide(&obs, &mut state, now);
         publish(&shared, &obs, &state, &settings);
+        if let Some(l) = &link {
+            l.publish(member_view(&obs, &state, looks));
+            if let Some((p, tl)) = single_primary(&obs, &state) {
+                l.keep_record(&obs, &p, tl).await;
+                if matches!(&state.decision, Some(Decision::Steady { not_streaming, .. }) if not_streaming.is_empty())
+                {
+                    l.settled(&p, tl).await;
+                }
+            }
+        }
         if let Some(d) = &state.decision {
             say_decision(d, &said, now);
         }
@@ -560,6 +670,15 @@ async fn run_loop<P, F, O, Fut>(
                     // Look again at once: the new primary, the re-pointed replicas.
                     ticker.reset_immediately();
                 }
+            }
+        }
+        // With a store, a switchover asked through it is run by the leader, between looks and
+        // only while steady.
+        if let Some(l) = &link {
+            if matches!(state.decision, Some(Decision::Steady { .. }))
+                && l.serve_switchover(&actor, &settings).await
+            {
+                ticker.reset_immediately();
             }
         }
     }
@@ -703,7 +822,7 @@ address = "127.0.0.1:5002"
     ) -> Duration {
         let (_tx, rx) = watch::channel(settings());
         let shared = Arc::new(Shared {
-            status: Mutex::new(Status::new("lb.toml".into(), false)),
+            status: Mutex::new(Status::new("lb.toml".into(), false, "test".into())),
             prometheus: None,
         });
         let shutdown = CancellationToken::new();
@@ -720,6 +839,7 @@ address = "127.0.0.1:5002"
             observe,
             rx,
             shared,
+            None,
             shutdown.clone(),
         ));
         tokio::time::sleep(run_for).await;

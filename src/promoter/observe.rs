@@ -82,6 +82,10 @@ pub struct NodeStatus {
     pub receiver: Option<Receiver>,
     pub primary_conninfo: String,
     pub primary_slot_name: String,
+    /// What a failover saved of `primary_conninfo` when it stopped this standby's receiver
+    /// (`pglb.saved_primary_conninfo`); empty otherwise. Non-empty with an empty
+    /// `primary_conninfo`: a failover was interrupted here.
+    pub saved_primary_conninfo: String,
     /// `default_transaction_read_only`: how the promoter fences a stale primary.
     pub read_only: bool,
     pub synchronous_standby_names: String,
@@ -228,7 +232,8 @@ const NODE_QUERY: &str = "SELECT current_setting('primary_conninfo'), \
  (SELECT string_agg(application_name, ',') FROM pg_stat_replication WHERE state = 'streaming'), \
  (SELECT string_agg(slot_name, ',') FROM pg_replication_slots WHERE slot_type = 'physical'), \
  (SELECT max(('x' || substr(name, 1, 8))::bit(32)::int) FROM pg_ls_waldir() \
-   WHERE name ~ '^[0-9A-F]{8}\\.history$') \
+   WHERE name ~ '^[0-9A-F]{8}\\.history$'), \
+ current_setting('pglb.saved_primary_conninfo', true) \
  FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver r ON true";
 
 /// Logs in to one server and reads its status.
@@ -276,6 +281,7 @@ pub async fn node_status(address: &str, login: &Login) -> Result<NodeStatus, Pro
             streaming_standbys: list(9),
             slots: list(10),
             history_tli,
+            saved_primary_conninfo: col(12),
         },
     ))
 }
@@ -290,6 +296,7 @@ struct Extras {
     streaming_standbys: Vec<String>,
     slots: Vec<String>,
     history_tli: u32,
+    saved_primary_conninfo: String,
 }
 
 fn from_parts(report: &ProbeReport, receiver: Option<Receiver>, x: Extras) -> NodeStatus {
@@ -303,6 +310,7 @@ fn from_parts(report: &ProbeReport, receiver: Option<Receiver>, x: Extras) -> No
         receiver,
         primary_conninfo: x.primary_conninfo,
         primary_slot_name: x.primary_slot_name,
+        saved_primary_conninfo: x.saved_primary_conninfo,
         read_only: x.read_only,
         synchronous_standby_names: x.synchronous_standby_names,
         streaming_standbys: x.streaming_standbys,

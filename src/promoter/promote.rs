@@ -74,6 +74,30 @@ pub enum ActError {
         what: &'static str,
         after: Duration,
     },
+    /// Refused before touching the server: this promoter does not hold a valid leadership
+    /// (another leads, or its lease ran out).
+    #[error("{what} on {node}: not done, this promoter is not the leader (leader: {})", holder.as_deref().unwrap_or("unknown"))]
+    NotLeader {
+        node: String,
+        what: &'static str,
+        holder: Option<String>,
+    },
+    /// The store did not commit the guarded record or journal entry the step needs first.
+    #[error("{what} on {node}: not done, the store did not commit its record ({kind}): {message}")]
+    Store {
+        node: String,
+        what: &'static str,
+        /// `StoreError::kind`.
+        kind: &'static str,
+        message: String,
+    },
+}
+
+impl ActError {
+    /// Whether the step was refused by the store gate (nothing was done to the server).
+    pub fn is_guard(&self) -> bool {
+        matches!(self, ActError::NotLeader { .. } | ActError::Store { .. })
+    }
 }
 
 /// Everything the promoter changes on servers.
@@ -84,6 +108,35 @@ pub trait Promoter: Send + Sync {
     /// Returns the previous `primary_conninfo`.
     fn stop_receiver(&self, node: &Member)
         -> impl Future<Output = Result<String, ActError>> + Send;
+    /// The upstream a standby follows: its `primary_conninfo`, or, while a failover holds its
+    /// receiver stopped, the value saved by `stop_receiver`.
+    fn receiver_conninfo(
+        &self,
+        _node: &Member,
+    ) -> impl Future<Output = Result<String, ActError>> + Send {
+        async { Ok(String::new()) }
+    }
+    /// A failover starts (with a store: its journal opens under the next epoch).
+    fn begin_failover(&self) -> impl Future<Output = Result<(), ActError>> + Send {
+        async { Ok(()) }
+    }
+    /// Last step before `prepare` and `promote`: with a store, the guarded record naming `node`
+    /// the primary (it was replaying `from_timeline`). An error means: do not promote.
+    fn guard_promotion(
+        &self,
+        _node: &Member,
+        _from_timeline: u32,
+    ) -> impl Future<Output = Result<(), ActError>> + Send {
+        async { Ok(()) }
+    }
+    /// After a verified promotion: with a store, the record gets the new timeline.
+    fn promoted(
+        &self,
+        _node: &Member,
+        _timeline: u32,
+    ) -> impl Future<Output = Result<(), ActError>> + Send {
+        async { Ok(()) }
+    }
     /// Puts a `primary_conninfo` back (a failover that did not happen).
     fn restore_receiver(
         &self,
@@ -291,9 +344,31 @@ impl PgPromoter {
 
 const RELOAD: &str = "SELECT pg_reload_conf()";
 
+/// Where `stop_receiver` keeps a standby's `primary_conninfo` while a failover holds it still
+/// (a custom setting in `postgresql.auto.conf`, beside `primary_conninfo` itself); `repoint`
+/// and `restore_receiver` reset it.
+pub const SAVED_CONNINFO: &str = "pglb.saved_primary_conninfo";
+
+/// ALTER SYSTEM knows a custom setting only once the session has it (PostgreSQL 15 refuses an
+/// unknown one): this makes it known in the session, keeping any value it has.
+fn saved_placeholder() -> String {
+    format!("SELECT set_config('{SAVED_CONNINFO}', coalesce(current_setting('{SAVED_CONNINFO}', true), ''), false)")
+}
+
 impl Promoter for PgPromoter {
     async fn position(&self, node: &Member) -> Result<Position, ActError> {
         self.status(node).await.map(|s| Position::from(&s))
+    }
+
+    async fn receiver_conninfo(&self, node: &Member) -> Result<String, ActError> {
+        self.run(
+            node,
+            "read primary_conninfo",
+            &[format!("SELECT coalesce(nullif(current_setting('primary_conninfo'), ''), current_setting('{SAVED_CONNINFO}', true), '')")],
+            self.step_timeout,
+        )
+        .await
+        .map(Option::unwrap_or_default)
     }
 
     async fn stop_receiver(&self, node: &Member) -> Result<String, ActError> {
@@ -306,18 +381,25 @@ impl Promoter for PgPromoter {
             )
             .await?
             .unwrap_or_default();
-        if !prev.is_empty() {
-            self.run(
-                node,
-                "stop wal receiver",
-                &[
-                    "ALTER SYSTEM SET primary_conninfo = ''".to_string(),
-                    RELOAD.to_string(),
-                ],
-                self.step_timeout,
-            )
-            .await?;
+        if prev.is_empty() {
+            // Stopped already (by an earlier attempt, perhaps of a promoter that died): the
+            // value to restore is the one saved then.
+            return self.receiver_conninfo(node).await;
         }
+        // The old value is saved on the server itself first, so whoever acts next (this
+        // process restarted, another promoter) can put it back: never only in memory.
+        self.run(
+            node,
+            "stop wal receiver",
+            &[
+                saved_placeholder(),
+                format!("ALTER SYSTEM SET {SAVED_CONNINFO} = {}", sql_literal(&prev)),
+                "ALTER SYSTEM SET primary_conninfo = ''".to_string(),
+                RELOAD.to_string(),
+            ],
+            self.step_timeout,
+        )
+        .await?;
         Ok(prev)
     }
 
@@ -330,6 +412,8 @@ impl Promoter for PgPromoter {
                     "ALTER SYSTEM SET primary_conninfo = {}",
                     sql_literal(conninfo)
                 ),
+                saved_placeholder(),
+                format!("ALTER SYSTEM RESET {SAVED_CONNINFO}"),
                 RELOAD.to_string(),
             ],
             self.step_timeout,
@@ -417,6 +501,8 @@ impl Promoter for PgPromoter {
                     "ALTER SYSTEM SET primary_slot_name = {}",
                     sql_literal(&slot)
                 ),
+                saved_placeholder(),
+                format!("ALTER SYSTEM RESET {SAVED_CONNINFO}"),
                 RELOAD.to_string(),
             ],
             self.step_timeout,

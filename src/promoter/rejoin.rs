@@ -318,9 +318,34 @@ pub async fn run(settings: &Settings, opts: &RejoinOptions) -> Result<RejoinRepo
         info!(step = "stop", node = %me.name, "rejoin: server stopped");
     }
 
-    // 2. Its slot on the primary first, so the WAL it needs is kept.
+    // 2. Its slot on the primary first, so the WAL it needs is kept. Then a CHECKPOINT there:
+    // pg_rewind reads the source's timeline from its control file, which a freshly promoted
+    // server updates only at its first checkpoint (its promoter may have died before taking
+    // it); rewinding against the old timeline breaks the target for good.
     let pg = PgPromoter::new(std::sync::Arc::new(settings.clone()));
     pg.ensure_slot(&primary, &me.slot_name()).await?;
+    pg.checkpoint(&primary).await?;
+    info!(step = "checkpoint", node = %primary.name, "rejoin: checkpoint on the primary");
+
+    // A standby.signal left by an earlier attempt would make pg_rewind's crash recovery
+    // (single-user mode, which refuses standby mode) fail at every retry: it is written again
+    // after the rewind.
+    for signal in ["standby.signal", "recovery.signal"] {
+        let path = data.join(signal);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                info!(step = "clean", file = %path.display(), "rejoin: leftover signal file removed before the rewind")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(RejoinError::Io {
+                    what: "remove",
+                    path,
+                    source,
+                })
+            }
+        }
+    }
 
     // 3. pg_rewind from the primary (it runs crash recovery first when needed). It removes
     // postmaster.opts, which `pg_ctl restart` reads to start the server as it was started.
@@ -396,19 +421,37 @@ pub async fn run(settings: &Settings, opts: &RejoinOptions) -> Result<RejoinRepo
         .await?;
     info!(step = "restart", node = %me.name, "rejoin: server started as a standby");
     let deadline = started + opts.timeout;
+    // Streaming for real: the primary lists it as streaming AND its own WAL receiver streams
+    // on the primary's timeline, on two looks a second apart (a standby whose timeline forked
+    // off before its recovery point connects, is listed for a moment, and fails in a loop).
+    let mut first_seen: Option<Instant> = None;
     loop {
-        if let Ok(st) = pg.status(&primary).await {
-            if st.streaming_standbys.iter().any(|a| a == &me.name) {
-                let after = started.elapsed();
-                info!(step = "verify", node = %me.name, primary = %primary.name, after_s = after.as_secs_f64(), "rejoin: streaming from the primary");
-                return Ok(RejoinReport {
-                    name: me.name,
-                    primary: primary.name,
-                    rewind: rewind_summary,
-                    started: true,
-                    streaming_after_seconds: Some(after.as_secs_f64()),
-                });
+        let primary_st = pg.status(&primary).await.ok();
+        let me_st = pg.status(&me).await.ok();
+        let ok = match (&primary_st, &me_st) {
+            (Some(p), Some(m)) => {
+                p.streaming_standbys.iter().any(|a| a == &me.name)
+                    && m.in_recovery
+                    && m.receiver.as_ref().is_some_and(|r| r.is_streaming())
+                    && m.timeline >= p.timeline
             }
+            _ => false,
+        };
+        if !ok {
+            first_seen = None;
+        } else if first_seen.is_none() {
+            first_seen = Some(Instant::now());
+        }
+        if first_seen.is_some_and(|t| t.elapsed() >= Duration::from_secs(1)) {
+            let after = started.elapsed();
+            info!(step = "verify", node = %me.name, primary = %primary.name, after_s = after.as_secs_f64(), "rejoin: streaming from the primary");
+            return Ok(RejoinReport {
+                name: me.name,
+                primary: primary.name,
+                rewind: rewind_summary,
+                started: true,
+                streaming_after_seconds: Some(after.as_secs_f64()),
+            });
         }
         if Instant::now() >= deadline {
             warn!(step = "verify", node = %me.name, "rejoin: not streaming yet");

@@ -40,6 +40,14 @@ pub enum SwitchoverError {
     Act(#[from] ActError),
     #[error(transparent)]
     Promote(#[from] FailoverError),
+    /// With a store: the leader ran the switchover and it failed.
+    #[error("the leader {by} did not switch over: {error}")]
+    Leader { by: String, error: String },
+    /// With a store: no leader answered the request in time.
+    #[error("no leader answered the switchover request within {0:?} (is a promoter leading?)")]
+    NoAnswer(Duration),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// What a switchover did, printed as JSON by the CLI.
@@ -93,6 +101,7 @@ pub async fn run<P: Promoter>(
         why: why.to_string(),
     };
     let t = obs.node(to).ok_or_else(|| not_eligible("not observed"))?;
+    let target_timeline = t.reachable().map_or(0, |s| s.timeline);
     match t.reachable() {
         None => return Err(not_eligible("unreachable")),
         Some(s) if !s.in_recovery => return Err(not_eligible("not a replica")),
@@ -109,6 +118,8 @@ pub async fn run<P: Promoter>(
         .filter(|r| r.name() != to)
         .map(|r| r.member.clone())
         .collect();
+    // With a store: a new epoch of the journal, and only a valid leader gets further.
+    p.begin_failover().await?;
     info!(step = "start", from = %old.name, to, followers = ?followers.iter().map(|m| &m.name).collect::<Vec<_>>(), "switchover");
 
     // 1. No more writes on the old primary.
@@ -165,6 +176,7 @@ pub async fn run<P: Promoter>(
         &Limits::default(),
         started,
         final_lsn,
+        target_timeline,
     )
     .await?;
 
@@ -217,4 +229,51 @@ pub async fn run<P: Promoter>(
         "switchover done; the old primary stays read-only until `pglb-promoter rejoin`"
     );
     Ok(report)
+}
+
+/// With a store, `pglb-promoter switchover` does not act itself: it asks the leader (through
+/// `{prefix}/switchover`), which runs the switchover with its guarded record, and waits for
+/// its outcome (the report as JSON).
+pub async fn request(
+    cfg: &crate::config::StoreConfig,
+    to: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value, SwitchoverError> {
+    use crate::store::{EtcdStore, Store, SwitchoverRequest};
+    let store = EtcdStore::connect(cfg).await?;
+    let id = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    store
+        .request_switchover(&SwitchoverRequest {
+            id: id.clone(),
+            to: to.to_string(),
+            timeout_ms: timeout.as_millis() as u64,
+        })
+        .await?;
+    info!(to, request = %id, "switchover requested from the leader");
+    let wait = timeout + Duration::from_secs(60);
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Ok(Some(o)) = store.switchover_outcome().await {
+            if o.id == id {
+                return match (o.report, o.error) {
+                    (Some(r), _) => Ok(r),
+                    (None, e) => Err(SwitchoverError::Leader {
+                        by: o.by,
+                        error: e.unwrap_or_default(),
+                    }),
+                };
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(SwitchoverError::NoAnswer(wait));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::lease::LeaseClock;
 use super::{
     Campaign, FailoverStep, LeaderKey, LeaderTerm, Leadership, Member, MemberView, PrimaryRecord,
-    PrimaryState, Store, StoreError,
+    PrimaryState, Store, StoreError, SwitchoverOutcome, SwitchoverRequest,
 };
 use crate::config::StoreConfig;
 
@@ -550,6 +550,63 @@ impl Store for EtcdStore {
         )
         .await?;
         Ok(())
+    }
+
+    async fn request_switchover(&self, request: &SwitchoverRequest) -> Result<(), StoreError> {
+        let key = self.key("switchover");
+        let mut client = self.client();
+        call(
+            "put",
+            &key,
+            self.timeout(),
+            client.put(key.clone(), encode(request), None),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn switchover_request(&self) -> Result<Option<SwitchoverRequest>, StoreError> {
+        self.get_json("switchover").await
+    }
+
+    async fn finish_switchover(
+        &self,
+        leadership: &Leadership,
+        outcome: &SwitchoverOutcome,
+    ) -> Result<(), StoreError> {
+        let request = self.key("switchover");
+        let key = self.key("switchover_outcome");
+        self.guarded(
+            leadership,
+            "finish switchover",
+            &key,
+            vec![
+                TxnOp::delete(request, None),
+                TxnOp::put(key.clone(), encode(outcome), None),
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn switchover_outcome(&self) -> Result<Option<SwitchoverOutcome>, StoreError> {
+        self.get_json("switchover_outcome").await
+    }
+}
+
+impl EtcdStore {
+    /// The JSON value at `{prefix}/{rest}`, if any.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        rest: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let key = self.key(rest);
+        let mut client = self.client();
+        let resp = call("get", &key, self.timeout(), client.get(key.clone(), None)).await?;
+        resp.kvs()
+            .first()
+            .map(|kv| decode(&key, kv.value()))
+            .transpose()
     }
 }
 

@@ -12,6 +12,8 @@
 //! - `{prefix}/members/{id}`: each promoter's `MemberView` (JSON), under its own lease.
 //! - `{prefix}/primary`: the `PrimaryRecord` (JSON).
 //! - `{prefix}/steps/{epoch:020}-{seq:06}`: the `FailoverStep` journal (JSON).
+//! - `{prefix}/switchover`: a `SwitchoverRequest` for the leader (JSON); and
+//!   `{prefix}/switchover_outcome`: the leader's `SwitchoverOutcome` (JSON).
 
 mod error;
 pub mod etcd;
@@ -95,6 +97,54 @@ pub trait Store: Send + Sync + 'static {
         leadership: &Leadership,
         epoch: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Asks the leader for a planned switchover (replaces an earlier request).
+    fn request_switchover(
+        &self,
+        request: &SwitchoverRequest,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The pending switchover request, if any.
+    fn switchover_request(
+        &self,
+    ) -> impl Future<Output = Result<Option<SwitchoverRequest>, StoreError>> + Send;
+
+    /// The leader's answer to a request: removes the request and stores `outcome`, guarded
+    /// like `record_primary`.
+    fn finish_switchover(
+        &self,
+        leadership: &Leadership,
+        outcome: &SwitchoverOutcome,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The last switchover outcome.
+    fn switchover_outcome(
+        &self,
+    ) -> impl Future<Output = Result<Option<SwitchoverOutcome>, StoreError>> + Send;
+}
+
+/// A planned switchover asked of the leader (`pglb-promoter switchover` with a store).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverRequest {
+    /// Unique per request: the outcome names it.
+    pub id: String,
+    /// Backend to promote.
+    pub to: String,
+    /// Bound on the target's catch-up, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// What the leader made of a `SwitchoverRequest`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwitchoverOutcome {
+    /// The request's id.
+    pub id: String,
+    /// The leader that ran it.
+    pub by: String,
+    /// The report (`promoter::switchover::SwitchoverReport` as JSON) when it succeeded.
+    pub report: Option<serde_json::Value>,
+    /// Why it did not, otherwise.
+    pub error: Option<String>,
 }
 
 /// This promoter's standing, as published by its `Campaign`.
@@ -274,6 +324,9 @@ pub struct MemberView {
     /// Servers it cannot reach or log into.
     #[serde(default)]
     pub unreachable: Vec<String>,
+    /// How many looks it has taken: a counter that stops moving marks a stale view.
+    #[serde(default)]
+    pub looks: u64,
 }
 
 /// A published member view as read back.

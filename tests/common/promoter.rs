@@ -129,6 +129,8 @@ pub struct PromoterBuilder {
     backend_keys: HashMap<String, toml::Table>,
     addresses: HashMap<String, String>,
     args: Vec<String>,
+    store: Option<toml::Table>,
+    envs: Vec<(String, String)>,
 }
 
 impl Default for PromoterBuilder {
@@ -155,7 +157,33 @@ impl PromoterBuilder {
             backend_keys: HashMap::new(),
             addresses: HashMap::new(),
             args: Vec::new(),
+            store: None,
+            envs: Vec::new(),
         }
+    }
+
+    /// `--id NAME`.
+    pub fn id(self, id: &str) -> Self {
+        self.arg("--id").arg(id)
+    }
+
+    /// `[store] kind = "etcd"` with these client URLs, `prefix` and `lease_ttl`.
+    pub fn store(mut self, endpoints: &[String], prefix: &str, lease_ttl: Duration) -> Self {
+        let eps: Vec<toml::Value> = endpoints.iter().map(|e| e.clone().into()).collect();
+        self.store = Some(table(&[
+            ("kind", "etcd".into()),
+            ("endpoints", toml::Value::Array(eps)),
+            ("prefix", prefix.into()),
+            ("lease_ttl", format!("{}s", lease_ttl.as_secs()).into()),
+        ]));
+        self
+    }
+
+    /// An environment variable for the sidecar (e.g. a failpoint), kept across restarts until
+    /// [`Promoter::remove_env`].
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_string(), value.to_string()));
+        self
     }
 
     /// An extra argument for the sidecar's command line (e.g. `--dry-run`).
@@ -234,6 +262,9 @@ impl PromoterBuilder {
             promoter.insert("pglb_url".into(), format!("http://{}", lb.stats).into());
         }
         root.insert("promoter".into(), toml::Value::Table(promoter));
+        if let Some(store) = self.store {
+            root.insert("store".into(), toml::Value::Table(store));
+        }
         let config = dir.path().join("lb.toml");
         fs::write(
             &config,
@@ -247,6 +278,7 @@ impl PromoterBuilder {
             status,
             runs: 0,
             args: self.args,
+            envs: self.envs,
             _dir: dir,
         };
         p.spawn();
@@ -264,6 +296,8 @@ pub struct Promoter {
     runs: u32,
     /// Extra arguments of the sidecar (not of one-shot commands).
     args: Vec<String>,
+    /// Extra environment of the sidecar.
+    envs: Vec<(String, String)>,
     _dir: TempDir,
 }
 
@@ -296,6 +330,7 @@ impl Promoter {
         let child = self
             .command()
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("clone log fd"))
             .stderr(log)
             .spawn()
@@ -324,6 +359,49 @@ impl Promoter {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("promoter running").id()
+    }
+
+    /// Drops an environment variable given with [`PromoterBuilder::env`] for the next start.
+    pub fn remove_env(&mut self, key: &str) {
+        self.envs.retain(|(k, _)| k != key);
+    }
+
+    /// Sends `sig` to the sidecar (SIGSTOP, SIGCONT).
+    pub fn signal(&self, sig: libc::c_int) {
+        assert!(
+            super::signal(self.pid(), sig),
+            "signal {sig} to the promoter"
+        );
+    }
+
+    /// Whether the process has exited (e.g. a failpoint aborted it); reaps it then.
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(_))) => {
+                self.child = None;
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
+    }
+
+    /// Whether the process is stopped (SIGSTOP): state `T` in `/proc/PID/stat`.
+    pub fn is_stopped(&self) -> bool {
+        let Some(c) = &self.child else { return false };
+        fs::read_to_string(format!("/proc/{}/stat", c.id()))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    }
+
+    /// Starts it again after it exited on its own (a failpoint's abort).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "promoter still running");
+        self.spawn();
     }
 
     pub fn config_path(&self) -> &Path {
