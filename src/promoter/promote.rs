@@ -75,6 +75,22 @@ pub enum ActError {
     },
 }
 
+impl ActError {
+    /// No answer from the server at all (a timeout, or the promoter could not even try): it
+    /// may be hung rather than gone. Every other error is an answer (refused, reset, an error
+    /// from the server).
+    pub fn is_silence(&self) -> bool {
+        matches!(
+            self,
+            ActError::Timeout { .. }
+                | ActError::Server {
+                    source: ProbeError::Timeout(_) | ProbeError::Local(_),
+                    ..
+                }
+        )
+    }
+}
+
 /// Everything the promoter changes on servers.
 pub trait Promoter: Send + Sync {
     /// Fresh recovery state and positions.
@@ -179,9 +195,15 @@ pub struct PgPromoter {
     step_timeout: Duration,
 }
 
+/// Bound on one ordinary step of the promoter on a server (login + a few statements): three
+/// looks' bounds (`look` = `Settings::probe_timeout`), at least 3 s.
+pub fn step_timeout(look: Duration) -> Duration {
+    (look * 3).max(Duration::from_secs(3))
+}
+
 impl PgPromoter {
     pub fn new(settings: Arc<Settings>) -> PgPromoter {
-        let step_timeout = (settings.probe_timeout() * 3).max(Duration::from_secs(3));
+        let step_timeout = step_timeout(settings.probe_timeout());
         PgPromoter {
             settings,
             step_timeout,
