@@ -7,9 +7,10 @@
 //! write through pglb's write port: one session as fast as it can (reconnecting after an
 //! error), and one that opens a new connection for every insert (like `pgbench -C`) and counts
 //! its failed connection attempts. Per trial: time from the fault to the first write
-//! acknowledged by another server (each client), failed connection attempts, inserts that
-//! failed in flight, acknowledged rows missing on the new primary, and the most backends pglb
-//! ever called primary at once (the old primary is restarted or thawed after the failover, so
+//! acknowledged by another server (each client), failed connection attempts (of those started
+//! after the fault: the target is 0), attempts cut in flight (a login or insert the failed
+//! server had already taken: lost for any layer-4 proxy), acknowledged rows missing on the new
+//! primary, and the most backends pglb ever called primary at once (the old primary is restarted or thawed after the failover, so
 //! its fencing is part of the trial).
 //!
 //! Environment: FAILOVER_TRIALS (default 20), FAILOVER_FAULTS (default "kill,stop"),
@@ -62,9 +63,13 @@ struct Trial {
     first_write_conn: Duration,
     detected_after: f64,
     promote: f64,
-    /// Connection attempts of the per-connection client after the fault, and those that failed.
+    /// Connection attempts of the per-connection client started after the fault, and those
+    /// of them that failed (the target: 0).
     conn_attempts: u64,
     conn_failed: usize,
+    /// Attempts in flight at the fault that failed at login: the server had taken the session
+    /// already, so no layer-4 proxy can save them.
+    conn_cut: usize,
     /// Inserts that failed on a connected session (in flight on the failed server).
     write_failed: usize,
     conn_errors: Vec<String>,
@@ -193,7 +198,11 @@ async fn trial(fault: Fault, sync: bool) -> Trial {
         conn_attempts,
         conn_failed: failures
             .iter()
-            .filter(|f| f.stage == FailedAt::Connect)
+            .filter(|f| f.stage == FailedAt::Connect && f.at >= at)
+            .count(),
+        conn_cut: failures
+            .iter()
+            .filter(|f| f.stage == FailedAt::Connect && f.at < at)
             .count(),
         write_failed: failures
             .iter()
@@ -202,7 +211,14 @@ async fn trial(fault: Fault, sync: bool) -> Trial {
         conn_errors: failures
             .iter()
             .filter(|f| f.stage == FailedAt::Connect)
-            .map(|f| format!("{:.3}s: {}", (f.at - at).as_secs_f64(), f.error))
+            .map(|f| {
+                let started = if f.at >= at {
+                    format!("{:.3}s", (f.at - at).as_secs_f64())
+                } else {
+                    format!("-{:.3}s", (at - f.at).as_secs_f64())
+                };
+                format!("{started} (took {:.3}s): {}", f.took.as_secs_f64(), f.error)
+            })
             .collect(),
         acked: acks.len() + conn_acks.len(),
         lost: missing.len(),
@@ -288,7 +304,7 @@ async fn failover_trials() {
                     t.promote,
                     t.conn_attempts,
                     t.conn_failed,
-                    t.write_failed,
+                    t.write_failed + t.conn_cut,
                     t.acked,
                     t.lost,
                     t.lost_after_fault,
@@ -296,7 +312,7 @@ async fn failover_trials() {
                     t.max_primaries
                 );
                 for e in &t.conn_errors {
-                    println!("      failed connection attempt at {e}");
+                    println!("      connection attempt started at {e}");
                 }
                 all.push(t);
             }
@@ -343,7 +359,7 @@ async fn failover_trials() {
             let secs = sorted(|t| t.first_write);
             let secs_conn = sorted(|t| t.first_write_conn);
             let failed: usize = ts.iter().map(|t| t.conn_failed).sum();
-            let in_flight: usize = ts.iter().map(|t| t.write_failed).sum();
+            let in_flight: usize = ts.iter().map(|t| t.write_failed + t.conn_cut).sum();
             let lost: usize = ts.iter().map(|t| t.lost).sum();
             let acked: usize = ts.iter().map(|t| t.acked).sum();
             let primaries = ts.iter().map(|t| t.max_primaries).max().unwrap_or(0);
@@ -375,7 +391,7 @@ async fn failover_trials() {
                 "failed_connection_attempts_total": failed,
                 "failed_connection_attempts_per_trial": ts.iter().map(|t| t.conn_failed).collect::<Vec<_>>(),
                 "connection_attempts_total": ts.iter().map(|t| t.conn_attempts).sum::<u64>(),
-                "writes_failed_in_flight_total": in_flight,
+                "attempts_cut_in_flight_total": in_flight,
                 "rows_acknowledged_total": acked,
                 "rows_lost_total": lost,
                 "rows_lost_per_trial": ts.iter().map(|t| t.lost).collect::<Vec<_>>(),
@@ -398,6 +414,7 @@ async fn failover_trials() {
                 "failed_connection_attempts": t.conn_failed,
                 "failed_connection_errors": t.conn_errors,
                 "writes_failed_in_flight": t.write_failed,
+                "logins_cut_in_flight": t.conn_cut,
                 "acked": t.acked,
                 "lost": t.lost,
                 "lost_acknowledged_after_fault": t.lost_after_fault,

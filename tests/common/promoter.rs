@@ -766,6 +766,17 @@ impl Drop for Writer {
     }
 }
 
+/// The server's SQLSTATE and message, or the client's error and its cause.
+fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}", db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
+}
+
 /// Where a [`ConnWriter`] attempt failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailedAt {
@@ -851,7 +862,7 @@ impl ConnWriter {
                             failures
                                 .lock()
                                 .unwrap()
-                                .push(fail(FailedAt::Connect, e.to_string()));
+                                .push(fail(FailedAt::Connect, error_text(&e)));
                             // pgbench -C goes on at once; a short pause keeps a refusing
                             // proxy from being counted thousands of times.
                             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -893,7 +904,7 @@ impl ConnWriter {
                         Ok(Err(e)) => failures
                             .lock()
                             .unwrap()
-                            .push(fail(FailedAt::Write, e.to_string())),
+                            .push(fail(FailedAt::Write, error_text(&e))),
                         Err(_) => failures
                             .lock()
                             .unwrap()
