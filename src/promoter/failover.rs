@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use super::decide::{sync_names, FailoverPlan};
 use super::promote::{step_timeout, ActError, Position, Promoter};
-use super::settings::{Member, Settings};
+use super::settings::Member;
 use crate::pg::Lsn;
 
 /// Bounds of the waits inside a failover.
@@ -54,17 +54,7 @@ pub struct Limits {
 impl Default for Limits {
     /// The bounds for the default `failover_after` (3 s).
     fn default() -> Self {
-        Limits::with_look(Duration::from_millis(1500))
-    }
-}
-
-impl Limits {
-    /// The bounds for these settings (`look` = `Settings::probe_timeout`).
-    pub fn for_settings(s: &Settings) -> Limits {
-        Limits::with_look(s.probe_timeout())
-    }
-
-    fn with_look(look: Duration) -> Limits {
+        let look = Duration::from_millis(1500);
         Limits {
             receiver_stop: Duration::from_secs(3),
             replay: Duration::from_secs(30),
@@ -73,6 +63,19 @@ impl Limits {
             look,
             silence: step_timeout(look),
             silence_floor: look / 3,
+        }
+    }
+}
+
+impl Limits {
+    /// These limits with the silence bounds of a look bound of `look` (`Settings::probe_timeout`;
+    /// `run` takes it from its `Promoter`, so the bounds follow the running settings).
+    pub fn with_look(&self, look: Duration) -> Limits {
+        Limits {
+            look,
+            silence: step_timeout(look),
+            silence_floor: look / 3,
+            ..self.clone()
         }
     }
 }
@@ -448,6 +451,10 @@ pub async fn run<P: Promoter>(
     limits: &Limits,
 ) -> Result<Promotion, FailoverError> {
     let started = Instant::now();
+    let limits = &match p.look_bound() {
+        Some(look) => limits.with_look(look),
+        None => limits.clone(),
+    };
     info!(
         step = "start",
         from = plan.from.as_deref().unwrap_or("unknown"),
@@ -1124,6 +1131,22 @@ pub(crate) mod tests {
         assert_eq!(silence_needed(s(4500), s(2500), s(500)), s(2000));
         assert_eq!(silence_needed(s(4500), s(4200), s(500)), s(500));
         assert_eq!(silence_needed(s(4500), s(60_000), s(500)), s(500));
+    }
+
+    #[test]
+    fn silence_bounds_follow_the_look_bound() {
+        let l = Limits::default();
+        assert_eq!(l.silence, Duration::from_millis(4500));
+        assert_eq!(l.silence_floor, Duration::from_millis(500));
+        let l = l.with_look(Duration::from_secs(5));
+        assert_eq!(l.silence, Duration::from_secs(15));
+        assert_eq!(l.silence_floor, Duration::from_secs(5) / 3);
+        assert_eq!(l.poll, Limits::default().poll);
+        // A step is never bounded under 3 s.
+        assert_eq!(
+            Limits::default().with_look(Duration::from_secs(1)).silence,
+            Duration::from_secs(3)
+        );
     }
 
     #[tokio::test(start_paused = true)]

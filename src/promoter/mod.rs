@@ -494,6 +494,7 @@ async fn run_loop<P, F, O, Fut>(
     let mut state = State::new(policy(&settings), Instant::now());
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let limits = failover::Limits::default();
     let mut said = Said {
         key: String::new(),
         at: None,
@@ -576,7 +577,6 @@ async fn run_loop<P, F, O, Fut>(
                 }
                 Command::Failover(plan) => {
                     said.key.clear();
-                    let limits = failover::Limits::for_settings(&settings);
                     let event = execute_failover(&actor, &plan, &limits, &shared).await;
                     state.record(event, Instant::now());
                     // Look again at once: the new primary, the re-pointed replicas.

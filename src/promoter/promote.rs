@@ -139,6 +139,12 @@ pub trait Promoter: Send + Sync {
         primary: &Member,
         value: &str,
     ) -> impl Future<Output = Result<(), ActError>> + Send;
+    /// Bound on one look at a server (`Settings::probe_timeout`), from which a failover derives
+    /// how long a silent server is waited for (`failover::Limits::with_look`); `None` keeps the
+    /// `Limits` it was given.
+    fn look_bound(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A string as a SQL literal, safe whatever `standard_conforming_strings` says (libpq's
@@ -303,6 +309,10 @@ const RELOAD: &str = "SELECT pg_reload_conf()";
 impl Promoter for PgPromoter {
     async fn position(&self, node: &Member) -> Result<Position, ActError> {
         self.status(node).await.map(|s| Position::from(&s))
+    }
+
+    fn look_bound(&self) -> Option<Duration> {
+        Some(self.settings.probe_timeout())
     }
 
     async fn stop_receiver(&self, node: &Member) -> Result<String, ActError> {
@@ -494,6 +504,9 @@ pub struct DryRun(pub PgPromoter);
 impl Promoter for DryRun {
     async fn position(&self, node: &Member) -> Result<Position, ActError> {
         self.0.position(node).await
+    }
+    fn look_bound(&self) -> Option<Duration> {
+        self.0.look_bound()
     }
     async fn stop_receiver(&self, node: &Member) -> Result<String, ActError> {
         info!(dry_run = true, node = %node.name, "would stop the WAL receiver");
