@@ -419,8 +419,8 @@ async fn a_primary_frozen_shorter_than_failover_after_is_not_replaced() {
 
 /// The counter-test of the one above: the same whole-server freeze held past failover_after
 /// and the replicas' silence bound (wal_receiver_timeout / 2 + 1 s) does promote, so the test
-/// above can fail. failover_after 2s (the harness default) keeps it short: the failover also
-/// waits twice for the hung old primary to time out (3 x probe timeout each).
+/// above can fail. failover_after 2s (the harness default) keeps it short. The last "anyone
+/// writable?" check waits for the hung old primary only what its silence still lacks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_primary_frozen_longer_than_failover_after_is_replaced() {
     let failover_after = Duration::from_secs(2);

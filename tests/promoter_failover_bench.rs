@@ -1,14 +1,21 @@
 //! The failover figure (a benchmark, not a timed test; ignored unless asked for, run by
-//! `loadtest/failover`): N kill -9 trials per mode, each on a fresh primary + two replicas with
-//! pglb and the promoter at their default timings (pglb checks every 1 s, rise/fall 2; promoter
-//! every 500 ms, failover_after 3 s). A client writes through pglb's write port as fast as one
-//! session can; per trial: time from the kill to the first write acknowledged by another
-//! server, acknowledged rows missing on the new primary, and the most backends pglb ever
-//! called primary at once (the old primary is restarted after the failover, so its fencing is
-//! part of the trial).
+//! `loadtest/failover`): N trials per fault and mode, each on a fresh primary + two replicas
+//! with pglb and the promoter at their default timings (pglb checks every 1 s, timeout 2 s,
+//! rise/fall 2, fast_interval 200 ms, wait_for_backend 10 s; promoter every 500 ms,
+//! failover_after 3 s). The fault is a kill -9 of the primary's postmaster (`kill`) or a
+//! SIGSTOP of every process of the primary server, like a paused VM (`stop`). Two clients
+//! write through pglb's write port: one session as fast as it can (reconnecting after an
+//! error), and one that opens a new connection for every insert (like `pgbench -C`) and counts
+//! its failed connection attempts. Per trial: time from the fault to the first write
+//! acknowledged by another server (each client), failed connection attempts (of those started
+//! after the fault: the target is 0), attempts cut in flight (a login or insert the failed
+//! server had already taken: lost for any layer-4 proxy), acknowledged rows missing on the new
+//! primary, and the most backends pglb ever called primary at once (the old primary is restarted or thawed after the failover, so
+//! its fencing is part of the trial).
 //!
-//! Environment: FAILOVER_TRIALS (default 5), FAILOVER_MODES (default "async,sync"),
-//! FAILOVER_OUT (JSON file for the results; default none).
+//! Environment: FAILOVER_TRIALS (default 20), FAILOVER_FAULTS (default "kill,stop"),
+//! FAILOVER_MODES (default "async,sync"), FAILOVER_OUT (JSON file for the results; default
+//! none).
 
 mod common;
 
@@ -22,27 +29,67 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
 
+/// The promoter's default `failover_after`, the reference of the targets.
+const FAILOVER_AFTER: f64 = 3.0;
+
+/// How long the per-connection client allows one login (an application's connect timeout);
+/// longer than pglb's `wait_for_backend`, so a session pglb holds through the failover counts
+/// as served, and a FATAL from pglb as failed.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL to the postmaster; its children notice and exit.
+    Kill,
+    /// SIGSTOP to every process of the server.
+    Stop,
+}
+
+impl Fault {
+    fn as_str(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Stop => "stop",
+        }
+    }
+}
+
 struct Trial {
+    fault: Fault,
     mode: &'static str,
+    /// Fault to the first write of the session client acknowledged by another server.
     first_write: Duration,
+    /// The same for the client that connects for every write.
+    first_write_conn: Duration,
     detected_after: f64,
     promote: f64,
+    /// Connection attempts of the per-connection client started after the fault, and those
+    /// of them that failed (the target: 0).
+    conn_attempts: u64,
+    conn_failed: usize,
+    /// Attempts in flight at the fault that failed at login: the server had taken the session
+    /// already, so no layer-4 proxy can save them.
+    conn_cut: usize,
+    /// Inserts that failed on a connected session (in flight on the failed server).
+    write_failed: usize,
+    conn_errors: Vec<String>,
     acked: usize,
     lost: usize,
-    /// Lost rows acknowledged after the SIGKILL: the postmaster's backends answer until they
-    /// notice it is gone, while its WAL sender already stopped.
-    lost_after_kill: usize,
+    /// Lost rows acknowledged after the fault (a killed postmaster's backends answer until
+    /// they notice it is gone, while its WAL sender already stopped).
+    lost_after_fault: usize,
     promoted: String,
     max_primaries: usize,
 }
 
-async fn trial(sync: bool) -> Trial {
+async fn trial(fault: Fault, sync: bool) -> Trial {
     let cluster = failover_cluster(2);
     let lb = Pglb::builder(&cluster)
         .unset("check", "interval")
         .unset("check", "timeout")
         .unset("check", "rise")
         .unset("check", "fall")
+        .unset("proxy", "connect_timeout")
         .start();
     lb.wait_ready().await;
     let promoter = PromoterBuilder::new()
@@ -59,7 +106,9 @@ async fn trial(sync: bool) -> Trial {
         .await;
     }
     let writer = Writer::start(lb.write, "bench").await;
+    let conn_writer = ConnWriter::start(lb.write, "bench_conn", LOGIN_TIMEOUT).await;
     writer.wait_count(200, T).await;
+    conn_writer.wait_count(20, T).await;
 
     // pglb's view, every 50 ms, until the end of the trial.
     let max_primaries = Arc::new(AtomicUsize::new(0));
@@ -82,9 +131,14 @@ async fn trial(sync: bool) -> Trial {
         }
     });
 
-    let killed = Instant::now();
-    kill9(p0);
-    let first = writer.wait_first_elsewhere(killed, p0.port(), T).await;
+    let attempts_before = conn_writer.attempts();
+    let at = Instant::now();
+    match fault {
+        Fault::Kill => kill9(p0),
+        Fault::Stop => p0.freeze(),
+    }
+    let first = writer.wait_first_elsewhere(at, p0.port(), T).await;
+    let first_conn = conn_writer.wait_first_elsewhere(at, p0.port(), T).await;
     let s = promoter
         .wait_status(T, "a promotion", |s| {
             s["last_failover"]["outcome"] == "promoted"
@@ -97,8 +151,12 @@ async fn trial(sync: bool) -> Trial {
         .find(|n| n.name() == promoted)
         .expect("promoted node");
     writer.wait_count(writer.count() + 50, T).await;
+    conn_writer.wait_count(conn_writer.count() + 10, T).await;
     // The old primary comes back: fenced by pglb and the promoter, never a second primary.
-    restart_after_kill(p0);
+    match fault {
+        Fault::Kill => restart_after_kill(p0),
+        Fault::Stop => p0.thaw(),
+    }
     promoter
         .wait_status(T, "the old primary fenced", |s| {
             s["fenced"] == serde_json::json!(["pg-0"])
@@ -107,25 +165,64 @@ async fn trial(sync: bool) -> Trial {
     writer.wait_count(writer.count() + 50, T).await;
     stop.store(true, Ordering::Relaxed);
     let _ = monitor.join();
+    let conn_attempts = conn_writer.attempts() - attempts_before;
+    let failures: Vec<Failure> = conn_writer
+        .failures()
+        .into_iter()
+        .filter(|f| f.at + f.took > at)
+        .collect();
+    let conn_acks = conn_writer.stop().await;
     let acks = writer.stop().await;
-    let missing = missing_rows(new, "bench", &acks);
-    let lost = missing.len();
-    let lost_after_kill = acks
+    let mut missing = missing_rows(new, "bench", &acks);
+    let mut lost_after_fault = acks
         .iter()
-        .filter(|a| a.at > killed && missing.contains(&a.id))
+        .filter(|a| a.at > at && missing.contains(&a.id))
         .count();
+    let conn_missing = missing_rows(new, "bench_conn", &conn_acks);
+    lost_after_fault += conn_acks
+        .iter()
+        .filter(|a| a.at > at && conn_missing.contains(&a.id))
+        .count();
+    missing.extend(conn_missing);
     Trial {
+        fault,
         mode: if sync { "sync" } else { "async" },
-        first_write: first.at - killed,
+        first_write: first.at - at,
+        first_write_conn: first_conn.at - at,
         detected_after: s["last_failover"]["detected_after_seconds"]
             .as_f64()
             .unwrap_or(0.0),
         promote: s["last_failover"]["promote_seconds"]
             .as_f64()
             .unwrap_or(0.0),
-        acked: acks.len(),
-        lost,
-        lost_after_kill,
+        conn_attempts,
+        conn_failed: failures
+            .iter()
+            .filter(|f| f.stage == FailedAt::Connect && f.at >= at)
+            .count(),
+        conn_cut: failures
+            .iter()
+            .filter(|f| f.stage == FailedAt::Connect && f.at < at)
+            .count(),
+        write_failed: failures
+            .iter()
+            .filter(|f| f.stage == FailedAt::Write)
+            .count(),
+        conn_errors: failures
+            .iter()
+            .filter(|f| f.stage == FailedAt::Connect)
+            .map(|f| {
+                let started = if f.at >= at {
+                    format!("{:.3}s", (f.at - at).as_secs_f64())
+                } else {
+                    format!("-{:.3}s", (at - f.at).as_secs_f64())
+                };
+                format!("{started} (took {:.3}s): {}", f.took.as_secs_f64(), f.error)
+            })
+            .collect(),
+        acked: acks.len() + conn_acks.len(),
+        lost: missing.len(),
+        lost_after_fault,
         promoted,
         max_primaries: max_primaries.load(Ordering::Relaxed),
     }
@@ -140,99 +237,187 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+fn list(var: &str, default: &str) -> Vec<String> {
+    std::env::var(var)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "benchmark: run loadtest/failover"]
 async fn failover_trials() {
     let trials: usize = std::env::var("FAILOVER_TRIALS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let modes = std::env::var("FAILOVER_MODES").unwrap_or_else(|_| "async,sync".into());
-    let mut all = Vec::new();
-    println!(
-        "{:<6} {:>5} {:>10} {:>9} {:>9} {:>7} {:>5} {:>10} {:>9} {:>9}",
-        "mode",
-        "trial",
-        "first_wr_s",
-        "detect_s",
-        "promote_s",
-        "acked",
-        "lost",
-        "after_kill",
-        "promoted",
-        "primaries"
-    );
-    for mode in modes.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-        let sync = match mode {
+        .unwrap_or(20);
+    let faults: Vec<Fault> = list("FAILOVER_FAULTS", "kill,stop")
+        .iter()
+        .map(|f| match f.as_str() {
+            "kill" => Fault::Kill,
+            "stop" => Fault::Stop,
+            other => panic!("FAILOVER_FAULTS: unknown fault {other:?} (kill, stop)"),
+        })
+        .collect();
+    let modes: Vec<bool> = list("FAILOVER_MODES", "async,sync")
+        .iter()
+        .map(|m| match m.as_str() {
             "sync" => true,
             "async" => false,
             other => panic!("FAILOVER_MODES: unknown mode {other:?} (async, sync)"),
-        };
-        for i in 1..=trials {
-            let t = trial(sync).await;
-            println!(
-                "{:<6} {:>5} {:>10.3} {:>9.3} {:>9.3} {:>7} {:>5} {:>10} {:>9} {:>9}",
-                t.mode,
-                i,
-                t.first_write.as_secs_f64(),
-                t.detected_after,
-                t.promote,
-                t.acked,
-                t.lost,
-                t.lost_after_kill,
-                t.promoted,
-                t.max_primaries
-            );
-            all.push(t);
+        })
+        .collect();
+    let mut all = Vec::new();
+    println!(
+        "{:<5} {:<6} {:>5} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9} {:>8} {:>7} {:>5} {:>11} {:>8} {:>9}",
+        "fault",
+        "mode",
+        "trial",
+        "rto_s",
+        "rto_new_s",
+        "detect_s",
+        "promote_s",
+        "conns",
+        "conn_fail",
+        "in_flight",
+        "acked",
+        "lost",
+        "after_fault",
+        "promoted",
+        "primaries"
+    );
+    for &fault in &faults {
+        for &sync in &modes {
+            for i in 1..=trials {
+                let t = trial(fault, sync).await;
+                println!(
+                    "{:<5} {:<6} {:>5} {:>7.3} {:>8.3} {:>8.3} {:>9.3} {:>8} {:>9} {:>8} {:>7} {:>5} {:>11} {:>8} {:>9}",
+                    t.fault.as_str(),
+                    t.mode,
+                    i,
+                    t.first_write.as_secs_f64(),
+                    t.first_write_conn.as_secs_f64(),
+                    t.detected_after,
+                    t.promote,
+                    t.conn_attempts,
+                    t.conn_failed,
+                    t.write_failed + t.conn_cut,
+                    t.acked,
+                    t.lost,
+                    t.lost_after_fault,
+                    t.promoted,
+                    t.max_primaries
+                );
+                for e in &t.conn_errors {
+                    println!("      connection attempt started at {e}");
+                }
+                all.push(t);
+            }
         }
     }
     let mut summary = Vec::new();
     println!();
     println!(
-        "{:<6} {:>6} {:>8} {:>8} {:>8} {:>10} {:>13}",
-        "mode", "trials", "p50_s", "p99_s", "max_s", "rows_lost", "max_primaries"
+        "targets: failed connection attempts 0; after kill -9 RTO p50 <= {:.1} s, p99 <= {:.1} s; after SIGSTOP RTO <= {:.1} s (failover_after {FAILOVER_AFTER} s)",
+        FAILOVER_AFTER + 0.6,
+        FAILOVER_AFTER + 1.5,
+        FAILOVER_AFTER + 2.0
     );
-    for mode in ["async", "sync"] {
-        let ts: Vec<&Trial> = all.iter().filter(|t| t.mode == mode).collect();
-        if ts.is_empty() {
-            continue;
+    println!(
+        "{:<5} {:<6} {:>6} {:>7} {:>7} {:>7} {:>11} {:>11} {:>9} {:>13} {:>9} {:>10} {:>9}",
+        "fault",
+        "mode",
+        "trials",
+        "p50_s",
+        "p99_s",
+        "max_s",
+        "new_p50_s",
+        "new_p99_s",
+        "conn_fail",
+        "per_trial",
+        "in_flight",
+        "rows_lost",
+        "primaries"
+    );
+    for fault in [Fault::Kill, Fault::Stop] {
+        for mode in ["async", "sync"] {
+            let ts: Vec<&Trial> = all
+                .iter()
+                .filter(|t| t.fault == fault && t.mode == mode)
+                .collect();
+            if ts.is_empty() {
+                continue;
+            }
+            let sorted = |f: fn(&Trial) -> Duration| {
+                let mut v: Vec<f64> = ts.iter().map(|t| f(t).as_secs_f64()).collect();
+                v.sort_by(f64::total_cmp);
+                v
+            };
+            let secs = sorted(|t| t.first_write);
+            let secs_conn = sorted(|t| t.first_write_conn);
+            let failed: usize = ts.iter().map(|t| t.conn_failed).sum();
+            let in_flight: usize = ts.iter().map(|t| t.write_failed + t.conn_cut).sum();
+            let lost: usize = ts.iter().map(|t| t.lost).sum();
+            let acked: usize = ts.iter().map(|t| t.acked).sum();
+            let primaries = ts.iter().map(|t| t.max_primaries).max().unwrap_or(0);
+            println!(
+                "{:<5} {:<6} {:>6} {:>7.3} {:>7.3} {:>7.3} {:>11.3} {:>11.3} {:>9} {:>13.2} {:>9} {:>10} {:>9}",
+                fault.as_str(),
+                mode,
+                ts.len(),
+                percentile(&secs, 50.0),
+                percentile(&secs, 99.0),
+                secs[secs.len() - 1],
+                percentile(&secs_conn, 50.0),
+                percentile(&secs_conn, 99.0),
+                failed,
+                failed as f64 / ts.len() as f64,
+                in_flight,
+                format!("{lost}/{acked}"),
+                primaries
+            );
+            summary.push(json!({
+                "fault": fault.as_str(),
+                "mode": mode,
+                "trials": ts.len(),
+                "first_write_p50_seconds": percentile(&secs, 50.0),
+                "first_write_p99_seconds": percentile(&secs, 99.0),
+                "first_write_max_seconds": secs[secs.len() - 1],
+                "first_write_new_connection_p50_seconds": percentile(&secs_conn, 50.0),
+                "first_write_new_connection_p99_seconds": percentile(&secs_conn, 99.0),
+                "failed_connection_attempts_total": failed,
+                "failed_connection_attempts_per_trial": ts.iter().map(|t| t.conn_failed).collect::<Vec<_>>(),
+                "connection_attempts_total": ts.iter().map(|t| t.conn_attempts).sum::<u64>(),
+                "attempts_cut_in_flight_total": in_flight,
+                "rows_acknowledged_total": acked,
+                "rows_lost_total": lost,
+                "rows_lost_per_trial": ts.iter().map(|t| t.lost).collect::<Vec<_>>(),
+                "max_pglb_primaries": primaries,
+            }));
         }
-        let mut secs: Vec<f64> = ts.iter().map(|t| t.first_write.as_secs_f64()).collect();
-        secs.sort_by(f64::total_cmp);
-        let lost: usize = ts.iter().map(|t| t.lost).sum();
-        let primaries = ts.iter().map(|t| t.max_primaries).max().unwrap_or(0);
-        println!(
-            "{:<6} {:>6} {:>8.3} {:>8.3} {:>8.3} {:>10} {:>13}",
-            mode,
-            ts.len(),
-            percentile(&secs, 50.0),
-            percentile(&secs, 99.0),
-            secs[secs.len() - 1],
-            lost,
-            primaries
-        );
-        summary.push(json!({
-            "mode": mode,
-            "trials": ts.len(),
-            "first_write_p50_seconds": percentile(&secs, 50.0),
-            "first_write_p99_seconds": percentile(&secs, 99.0),
-            "first_write_max_seconds": secs[secs.len() - 1],
-            "rows_lost_total": lost,
-            "rows_lost_per_trial": ts.iter().map(|t| t.lost).collect::<Vec<_>>(),
-            "max_pglb_primaries": primaries,
-        }));
     }
     if let Ok(path) = std::env::var("FAILOVER_OUT") {
         let doc = json!({
+            "failover_after_seconds": FAILOVER_AFTER,
             "summary": summary,
             "trials": all.iter().map(|t| json!({
+                "fault": t.fault.as_str(),
                 "mode": t.mode,
                 "first_write_seconds": t.first_write.as_secs_f64(),
+                "first_write_new_connection_seconds": t.first_write_conn.as_secs_f64(),
                 "detected_after_seconds": t.detected_after,
                 "promote_seconds": t.promote,
+                "connection_attempts": t.conn_attempts,
+                "failed_connection_attempts": t.conn_failed,
+                "failed_connection_errors": t.conn_errors,
+                "writes_failed_in_flight": t.write_failed,
+                "logins_cut_in_flight": t.conn_cut,
                 "acked": t.acked,
                 "lost": t.lost,
-                "lost_acknowledged_after_kill": t.lost_after_kill,
+                "lost_acknowledged_after_fault": t.lost_after_fault,
                 "promoted": t.promoted,
                 "max_pglb_primaries": t.max_primaries,
             })).collect::<Vec<_>>(),

@@ -6,17 +6,25 @@
 //! others. Before the promotion any error puts the receivers back as they were; after it, errors
 //! only leave work for the next look (re-pointing is idempotent).
 //!
+//! The "is anyone else writable?" checks keep asking every server the failover does not compare
+//! (the old primary, an unreachable node) from the driver's start to the promotion, one attempt
+//! always in flight, so a server that comes back is seen at once. One that stays silent (hung,
+//! SIGSTOPped, black-holed) passes the last check once it has been silent for `Limits::silence`
+//! in all, counting the looks' silence before the failover, and for at least
+//! `Limits::silence_floor` within it (`judge`, pure): a bounded wait, never a skipped check.
+//!
 //! Also `promote_and_follow`, shared with the planned switchover.
 
 use std::cmp::Reverse;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::decide::{sync_names, FailoverPlan};
-use super::promote::{ActError, Position, Promoter};
+use super::promote::{step_timeout, ActError, Position, Promoter};
 use super::settings::Member;
 use crate::pg::Lsn;
 
@@ -31,16 +39,266 @@ pub struct Limits {
     /// `pg_promote(true, N)`.
     pub promote: Duration,
     pub poll: Duration,
+    /// Bound on one look at a server (`Settings::probe_timeout`): the old primary's last answer
+    /// came at most this long after the start of the look that last saw it.
+    pub look: Duration,
+    /// A server that gives no answer at all passes the last "anyone writable?" check once it
+    /// has been silent this long, the looks' silence before the failover included: the bound of
+    /// one step (3 x `look`, at least 3 s), which is what one fresh check used to wait.
+    pub silence: Duration,
+    /// ... and once an attempt of the failover itself has been unanswered this long: a third of
+    /// `look`.
+    pub silence_floor: Duration,
 }
 
 impl Default for Limits {
+    /// The bounds for the default `failover_after` (3 s).
     fn default() -> Self {
+        let look = Duration::from_millis(1500);
         Limits {
             receiver_stop: Duration::from_secs(3),
             replay: Duration::from_secs(30),
             promote: Duration::from_secs(60),
             poll: Duration::from_millis(100),
+            look,
+            silence: step_timeout(look),
+            silence_floor: look / 3,
         }
+    }
+}
+
+impl Limits {
+    /// These limits with the silence bounds of a look bound of `look` (`Settings::probe_timeout`;
+    /// `run` takes it from its `Promoter`, so the bounds follow the running settings).
+    pub fn with_look(&self, look: Duration) -> Limits {
+        Limits {
+            look,
+            silence: step_timeout(look),
+            silence_floor: look / 3,
+            ..self.clone()
+        }
+    }
+}
+
+/// What the failover has heard from one server it does not compare, kept current by `ask` from
+/// the driver's start to the promotion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Heard {
+    /// When the asking started (the driver's start).
+    pub since: Instant,
+    /// The last answer: a position, or an error that is not silence (refused, an error from
+    /// the server). `None` while every attempt timed out or none has finished.
+    pub answer: Option<Answer>,
+    /// The start of the first attempt after the last answer (or of the first of all), while
+    /// one is in flight or has timed out: the server has been silent since.
+    pub asking_since: Option<Instant>,
+    /// The newest timeline any answer said it was writable on: once writable, a primary exists
+    /// for this failover whatever it says later.
+    pub writable_on: Option<u32>,
+}
+
+/// One answer heard.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Answer {
+    /// When the attempt that got it started.
+    pub asked_at: Instant,
+    /// Writable (out of recovery) on this timeline; `None`: in recovery, or an error.
+    pub writable_on: Option<u32>,
+}
+
+impl Heard {
+    pub fn new(since: Instant) -> Heard {
+        Heard {
+            since,
+            answer: None,
+            asking_since: None,
+            writable_on: None,
+        }
+    }
+}
+
+/// What the last check concludes about one server it does not compare.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Verdict {
+    /// It said it is writable on a timeline at least the newest: a primary exists.
+    Writable(u32),
+    /// It answered not writable in an attempt started since the check began, or it has been
+    /// silent long enough.
+    NotWritable,
+    /// Not yet: ask again by this time at the latest (an answer may come sooner).
+    WaitUntil(Instant),
+}
+
+/// The last check's verdict on one server, at `now`, for a check that began at `fresh_from`.
+/// An answer counts when its attempt started at or after `fresh_from` (it says how the server
+/// is now). Silence counts once it lasted `limits.silence`, where the silence before the
+/// failover (`silent_before`, the old primary's `down_for` less one look, zero for others) is
+/// included only while the server has not answered at all during the failover, and once an
+/// attempt of the failover itself went unanswered for `limits.silence_floor`.
+pub fn judge(
+    h: &Heard,
+    newest: u32,
+    fresh_from: Instant,
+    silent_before: Duration,
+    limits: &Limits,
+    now: Instant,
+) -> Verdict {
+    if let Some(tl) = h.writable_on.filter(|&tl| tl >= newest) {
+        return Verdict::Writable(tl);
+    }
+    if h.answer.is_some_and(|a| a.asked_at >= fresh_from) {
+        return Verdict::NotWritable;
+    }
+    let Some(asking_since) = h.asking_since else {
+        // Between an answer and the next attempt: it starts within a poll.
+        return Verdict::WaitUntil(now + limits.poll);
+    };
+    let before = if h.answer.is_none() {
+        silent_before
+    } else {
+        Duration::ZERO
+    };
+    let start = if h.answer.is_none() {
+        h.since.min(asking_since)
+    } else {
+        asking_since
+    };
+    let ready = start + silence_needed(limits.silence, before, limits.silence_floor);
+    if now >= ready {
+        Verdict::NotWritable
+    } else {
+        Verdict::WaitUntil(ready)
+    }
+}
+
+/// How long the failover itself must hear nothing from a server before the last check counts
+/// it as not writable: `silence` in all, less what was already silent before (`before`), but at
+/// least `floor`.
+pub fn silence_needed(silence: Duration, before: Duration, floor: Duration) -> Duration {
+    silence.saturating_sub(before).max(floor)
+}
+
+/// Asks `m` for its position over and over, one attempt in flight at a time, and records what
+/// it hears in `heard`. After an answer the next attempt waits `poll` (or a `kick`); after a
+/// silent attempt (a timeout, which took its whole bound) the next starts 10 ms later. Runs
+/// until dropped.
+async fn ask<P: Promoter>(
+    p: &P,
+    m: &Member,
+    heard: &watch::Sender<Heard>,
+    kick: &Notify,
+    poll: Duration,
+) {
+    loop {
+        let asked_at = Instant::now();
+        heard.send_modify(|h| {
+            h.asking_since.get_or_insert(asked_at);
+        });
+        match p.position(m).await {
+            Err(e) if e.is_silence() => {
+                debug!(step = "anyone_writable", node = %m.name, error = %e, "no answer yet");
+                // Not at once: a scripted fake times out without taking any time.
+                tokio::time::sleep(poll.min(Duration::from_millis(10))).await;
+            }
+            r => {
+                let writable_on = r
+                    .as_ref()
+                    .ok()
+                    .filter(|q| !q.in_recovery)
+                    .map(|q| q.timeline);
+                heard.send_modify(|h| {
+                    h.answer = Some(Answer {
+                        asked_at,
+                        writable_on,
+                    });
+                    h.asking_since = None;
+                    if let Some(tl) = writable_on {
+                        h.writable_on = Some(h.writable_on.map_or(tl, |w| w.max(tl)));
+                    }
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = kick.notified() => {}
+                }
+            }
+        }
+    }
+}
+
+/// The servers the failover does not compare, asked from its start (see `ask`).
+struct Asked {
+    nodes: Vec<AskedNode>,
+    /// The failed primary and how long it was silent before the failover (its `down_for` less
+    /// one look).
+    silent_before: Option<(String, Duration)>,
+}
+
+struct AskedNode {
+    member: Member,
+    heard: watch::Receiver<Heard>,
+    kick: std::sync::Arc<Notify>,
+}
+
+impl Asked {
+    fn is_asked(&self, name: &str) -> bool {
+        self.nodes.iter().any(|n| n.member.name == name)
+    }
+
+    /// Early check, no waiting: did any of them say it is writable on `newest` or later?
+    fn writable_now(&self, newest: u32) -> Option<String> {
+        self.nodes
+            .iter()
+            .find(|n| n.heard.borrow().writable_on.is_some_and(|tl| tl >= newest))
+            .map(|n| n.member.name.clone())
+    }
+
+    /// The last check: waits (bounded, see `judge`) until every one of them has a verdict.
+    async fn check(&self, newest: u32, limits: &Limits) -> Result<(), FailoverError> {
+        let fresh_from = Instant::now();
+        for n in &self.nodes {
+            n.kick.notify_one();
+        }
+        for n in &self.nodes {
+            let before = match &self.silent_before {
+                Some((name, d)) if *name == n.member.name => *d,
+                _ => Duration::ZERO,
+            };
+            let mut rx = n.heard.clone();
+            loop {
+                let verdict = judge(
+                    &rx.borrow_and_update(),
+                    newest,
+                    fresh_from,
+                    before,
+                    limits,
+                    Instant::now(),
+                );
+                match verdict {
+                    Verdict::Writable(_) => {
+                        return Err(FailoverError::PrimaryExists(n.member.name.clone()))
+                    }
+                    Verdict::NotWritable => {
+                        let h = rx.borrow().clone();
+                        info!(
+                            step = "anyone_writable",
+                            node = %n.member.name,
+                            answered = h.answer.is_some_and(|a| a.asked_at >= fresh_from),
+                            silent_for_s = h.asking_since.map(|t| t.elapsed().as_secs_f64()),
+                            waited_s = fresh_from.elapsed().as_secs_f64(),
+                            "failover: not writable"
+                        );
+                        break;
+                    }
+                    Verdict::WaitUntil(t) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(t) => {}
+                            _ = rx.changed() => {}
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -151,11 +409,13 @@ pub struct Promotion {
 }
 
 /// Fails when a server other than those in `compared` is writable on a timeline at least
-/// `newest` (the old primary came back, or someone promoted meanwhile).
+/// `newest` (the old primary came back, or someone promoted meanwhile). The servers `asked`
+/// are judged by what was heard from them so far, without waiting: the last check waits.
 async fn no_primary_exists<P: Promoter>(
     p: &P,
     members: &[Member],
     compared: &[(Member, Position)],
+    asked: &Asked,
 ) -> Result<(), FailoverError> {
     let newest = compared.iter().map(|(_, q)| q.timeline).max().unwrap_or(0);
     for (m, q) in compared {
@@ -163,9 +423,12 @@ async fn no_primary_exists<P: Promoter>(
             return Err(FailoverError::PrimaryExists(m.name.clone()));
         }
     }
+    if let Some(name) = asked.writable_now(newest) {
+        return Err(FailoverError::PrimaryExists(name));
+    }
     let others: Vec<&Member> = members
         .iter()
-        .filter(|m| !compared.iter().any(|(c, _)| c.name == m.name))
+        .filter(|m| !compared.iter().any(|(c, _)| c.name == m.name) && !asked.is_asked(&m.name))
         .collect();
     let seen = join_all(others.iter().map(|m| p.position(m))).await;
     for (m, q) in others.iter().zip(seen) {
@@ -199,6 +462,10 @@ pub async fn run<P: Promoter>(
     limits: &Limits,
 ) -> Result<Promotion, FailoverError> {
     let started = Instant::now();
+    let limits = &match p.look_bound() {
+        Some(look) => limits.with_look(look),
+        None => limits.clone(),
+    };
     info!(
         step = "start",
         from = plan.from.as_deref().unwrap_or("unknown"),
@@ -214,6 +481,55 @@ pub async fn run<P: Promoter>(
         .await
         .map_err(|source| FailoverError::Guard { source })?;
 
+    // Ask every server the failover does not compare (the old primary, unreachable ones) from
+    // now on, so the last check knows how long each has been silent.
+    let started_asking = Instant::now();
+    let mut senders = Vec::new();
+    let mut nodes = Vec::new();
+    for m in plan
+        .members
+        .iter()
+        .filter(|m| !plan.replicas.iter().any(|r| r.name == m.name))
+    {
+        let (tx, rx) = watch::channel(Heard::new(started_asking));
+        let kick = std::sync::Arc::new(Notify::new());
+        senders.push((m.clone(), tx, kick.clone()));
+        nodes.push(AskedNode {
+            member: m.clone(),
+            heard: rx,
+            kick,
+        });
+    }
+    let asked = Asked {
+        nodes,
+        silent_before: plan
+            .from
+            .clone()
+            .map(|f| (f, plan.down_for.saturating_sub(limits.look))),
+    };
+    let asking = async {
+        join_all(
+            senders
+                .iter()
+                .map(|(m, tx, kick)| ask(p, m, tx, kick, limits.poll)),
+        )
+        .await;
+        // Nobody to ask (every member is a reachable replica).
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        r = steps(p, plan, limits, &asked, started) => r,
+        () = asking => unreachable!("asking never ends"),
+    }
+}
+
+async fn steps<P: Promoter>(
+    p: &P,
+    plan: &FailoverPlan,
+    limits: &Limits,
+    asked: &Asked,
+    started: Instant,
+) -> Result<Promotion, FailoverError> {
     // 1. Hold every replica still (all at once: each step is a fresh login).
     let results = join_all(plan.replicas.iter().map(|r| p.stop_receiver(r))).await;
     let mut stopped: Vec<(Member, String)> = Vec::new();
@@ -261,7 +577,7 @@ pub async fn run<P: Promoter>(
         );
     }
 
-    let result = choose_and_promote(p, plan, limits, &compared, started).await;
+    let result = choose_and_promote(p, plan, limits, &compared, asked, started).await;
     if result.is_err() {
         // Nobody was promoted: put the receivers back as they were.
         restore(p, &stopped).await;
@@ -291,9 +607,10 @@ async fn choose_and_promote<P: Promoter>(
     plan: &FailoverPlan,
     limits: &Limits,
     compared: &[(Member, Position)],
+    asked: &Asked,
     started: Instant,
 ) -> Result<Promotion, FailoverError> {
-    no_primary_exists(p, &plan.members, compared).await?;
+    no_primary_exists(p, &plan.members, compared, asked).await?;
     let choice = choose(compared).map_err(FailoverError::NoCandidate)?;
     info!(
         step = "choose",
@@ -328,16 +645,20 @@ async fn choose_and_promote<P: Promoter>(
             _ => tokio::time::sleep(limits.poll).await,
         }
     }
-    // 3. Last look before the irreversible step.
+    // 3. Last look before the irreversible step. Only a writable server on a timeline at
+    // least the candidate's is a primary; a fenced old primary on an older one is not. The
+    // servers asked since the start get a bounded wait on their silence (`judge`); the others
+    // answered moments ago and are asked afresh.
     let others: Vec<Member> = plan
         .members
         .iter()
-        .filter(|m| m.name != choice.member.name)
+        .filter(|m| m.name != choice.member.name && !asked.is_asked(&m.name))
         .cloned()
         .collect();
-    // Only a writable server on a timeline at least the candidate's is a primary; a fenced
-    // old primary on an older one is not.
-    let seen = join_all(others.iter().map(|m| p.position(m))).await;
+    let (seen, heard) = tokio::join!(
+        join_all(others.iter().map(|m| p.position(m))),
+        asked.check(choice.timeline, limits)
+    );
     for (m, q) in others.iter().zip(seen) {
         if let Ok(q) = q {
             if !q.in_recovery && q.timeline >= choice.timeline {
@@ -345,6 +666,7 @@ async fn choose_and_promote<P: Promoter>(
             }
         }
     }
+    heard?;
 
     let followers: Vec<Member> = plan
         .replicas
@@ -554,9 +876,19 @@ pub(crate) mod tests {
         pub positions: Mutex<HashMap<String, VecDeque<Result<Position, ActError>>>>,
         pub calls: Mutex<Vec<String>>,
         pub fail: Mutex<HashMap<String, ActError>>,
+        /// Nodes that answer nothing until a time (SIGSTOPped), each attempt giving up after
+        /// a bound: (until, bound).
+        pub hang: Mutex<HashMap<String, (Instant, Duration)>>,
     }
 
     impl Script {
+        /// `node` answers nothing until `until`; each attempt times out after `bound`.
+        pub fn freeze(&self, node: &str, until: Instant, bound: Duration) {
+            self.hang
+                .lock()
+                .unwrap()
+                .insert(node.to_string(), (until, bound));
+        }
         pub fn set(&self, node: &str, seq: Vec<Result<Position, ActError>>) {
             self.positions
                 .lock()
@@ -603,6 +935,20 @@ pub(crate) mod tests {
 
     impl Promoter for Script {
         async fn position(&self, node: &Member) -> Result<Position, ActError> {
+            let hang = self.hang.lock().unwrap().get(&node.name).copied();
+            if let Some((until, bound)) = hang {
+                let now = Instant::now();
+                if now < until {
+                    tokio::time::sleep_until(until.min(now + bound)).await;
+                    if Instant::now() < until {
+                        return Err(ActError::Timeout {
+                            node: node.name.clone(),
+                            what: "read status",
+                            after: bound,
+                        });
+                    }
+                }
+            }
             self.next(&node.name)
         }
         async fn stop_receiver(&self, node: &Member) -> Result<String, ActError> {
@@ -658,6 +1004,7 @@ pub(crate) mod tests {
             replay: Duration::from_millis(50),
             promote: Duration::from_secs(1),
             poll: Duration::from_millis(1),
+            ..Limits::default()
         }
     }
 
@@ -817,5 +1164,175 @@ pub(crate) mod tests {
         p.members = vec![m("pg-0", 100, false), m("pg-1", 100, true)];
         let e = run(&s, &p, &limits()).await.unwrap_err();
         assert_eq!(e.kind(), "no_candidate");
+    }
+
+    fn heard(since: Instant) -> Heard {
+        Heard::new(since)
+    }
+
+    #[test]
+    fn silence_needed_counts_the_silence_before_and_keeps_a_floor() {
+        let s = |x: u64| Duration::from_millis(x);
+        assert_eq!(silence_needed(s(4500), s(0), s(500)), s(4500));
+        assert_eq!(silence_needed(s(4500), s(2500), s(500)), s(2000));
+        assert_eq!(silence_needed(s(4500), s(4200), s(500)), s(500));
+        assert_eq!(silence_needed(s(4500), s(60_000), s(500)), s(500));
+    }
+
+    #[test]
+    fn silence_bounds_follow_the_look_bound() {
+        let l = Limits::default();
+        assert_eq!(l.silence, Duration::from_millis(4500));
+        assert_eq!(l.silence_floor, Duration::from_millis(500));
+        let l = l.with_look(Duration::from_secs(5));
+        assert_eq!(l.silence, Duration::from_secs(15));
+        assert_eq!(l.silence_floor, Duration::from_secs(5) / 3);
+        assert_eq!(l.poll, Limits::default().poll);
+        // A step is never bounded under 3 s.
+        assert_eq!(
+            Limits::default().with_look(Duration::from_secs(1)).silence,
+            Duration::from_secs(3)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn judge_waits_out_silence_and_takes_fresh_answers() {
+        let l = Limits::default(); // look 1.5 s: silence 4.5 s, floor 0.5 s
+        let t0 = Instant::now();
+        let sec = |x: f64| Duration::from_secs_f64(x);
+        // Silent from the driver's start, 2.5 s already before it: 2 s to wait.
+        let mut h = heard(t0);
+        h.asking_since = Some(t0);
+        assert_eq!(
+            judge(&h, 1, t0, sec(2.5), &l, t0 + sec(1.0)),
+            Verdict::WaitUntil(t0 + sec(2.0))
+        );
+        assert_eq!(
+            judge(&h, 1, t0, sec(2.5), &l, t0 + sec(2.0)),
+            Verdict::NotWritable
+        );
+        // Long silent before: the floor.
+        assert_eq!(
+            judge(&h, 1, t0, sec(30.0), &l, t0 + sec(0.4)),
+            Verdict::WaitUntil(t0 + sec(0.5))
+        );
+        // Not the failed primary (nothing before): the whole silence.
+        assert_eq!(
+            judge(&h, 1, t0, Duration::ZERO, &l, t0 + sec(4.0)),
+            Verdict::WaitUntil(t0 + sec(4.5))
+        );
+        // An answer during the failover ends the silence before: counted from the next attempt.
+        h.answer = Some(Answer {
+            asked_at: t0,
+            writable_on: None,
+        });
+        h.asking_since = Some(t0 + sec(1.0));
+        assert_eq!(
+            judge(&h, 1, t0 + sec(0.5), sec(30.0), &l, t0 + sec(2.0)),
+            Verdict::WaitUntil(t0 + sec(5.5))
+        );
+        // A fresh answer (its attempt started since the check began) decides at once.
+        assert_eq!(
+            judge(&h, 1, t0, sec(30.0), &l, t0 + sec(2.0)),
+            Verdict::NotWritable
+        );
+        // Between an answer and the next attempt: a poll.
+        h.asking_since = None;
+        assert_eq!(
+            judge(&h, 1, t0 + sec(0.5), sec(30.0), &l, t0 + sec(2.0)),
+            Verdict::WaitUntil(t0 + sec(2.0) + l.poll)
+        );
+        // Writable once on the newest timeline: a primary exists, whatever came after.
+        h.writable_on = Some(1);
+        assert_eq!(
+            judge(&h, 1, t0, sec(30.0), &l, t0 + sec(9.0)),
+            Verdict::Writable(1)
+        );
+        // ... but not on an older timeline (a stale old primary).
+        assert_eq!(
+            judge(&h, 2, t0, sec(30.0), &l, t0 + sec(2.0)),
+            Verdict::NotWritable
+        );
+    }
+
+    fn replicas_ok(s: &Script) {
+        s.set("pg-1", vec![Ok(standby(100, 1))]);
+        s.set("pg-2", vec![Ok(standby(90, 1))]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frozen_old_primary_is_waited_for_only_what_its_silence_lacks() {
+        let l = Limits::default();
+        let bound = l.silence; // each attempt on the hung server gives up after a step
+        for (down_for, waited) in [(4.0, 2.0), (5.0, 1.0), (10.0, 0.5)] {
+            let s = Script::default();
+            s.freeze("pg-0", Instant::now() + Duration::from_secs(3600), bound);
+            replicas_ok(&s);
+            let mut p = plan(false);
+            p.down_for = Duration::from_secs_f64(down_for);
+            let r = run(&s, &p, &l).await.unwrap();
+            assert_eq!(r.to, "pg-1");
+            // Promoted once silent for 4.5 s in all (down_for less one look, then within the
+            // failover), at least 0.5 s of it within: not after two whole step bounds.
+            assert_eq!(
+                r.promoted_after,
+                Duration::from_secs_f64(waited),
+                "down_for {down_for}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frozen_old_primary_that_comes_back_writable_stops_the_promotion() {
+        let l = Limits::default();
+        let s = Script::default();
+        let mut back = standby(300, 1);
+        back.in_recovery = false;
+        s.set("pg-0", vec![Ok(back)]);
+        // Thawed 1 s into the failover, before its 2 s of silence were complete.
+        s.freeze("pg-0", Instant::now() + Duration::from_secs(1), l.silence);
+        replicas_ok(&s);
+        let mut p = plan(false);
+        p.down_for = Duration::from_secs(4);
+        let t0 = Instant::now();
+        let e = run(&s, &p, &l).await.unwrap_err();
+        assert_eq!(e, FailoverError::PrimaryExists("pg-0".into()));
+        assert_eq!(t0.elapsed(), Duration::from_secs(1), "seen as it answered");
+        assert!(!s.calls().iter().any(|c| c.starts_with("promote")));
+        assert!(s.calls().contains(&"restore_receiver pg-1".to_string()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_old_primary_costs_the_last_check_no_wait() {
+        let l = Limits::default();
+        let s = Script::default();
+        s.set("pg-0", vec![dead()]);
+        replicas_ok(&s);
+        let mut p = plan(false);
+        p.down_for = Duration::from_secs(3);
+        let r = run(&s, &p, &l).await.unwrap();
+        assert_eq!(r.to, "pg-1");
+        // Refused is an answer: asked again at once when the last check begins.
+        assert_eq!(r.promoted_after, Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_hung_without_history_gets_the_whole_silence() {
+        // pg-3 is not the failed primary: nothing was heard from it before, so the last check
+        // waits the whole 4.5 s of silence for it, as one fresh check always did.
+        let l = Limits::default();
+        let s = Script::default();
+        s.set("pg-0", vec![dead()]);
+        s.freeze(
+            "pg-3",
+            Instant::now() + Duration::from_secs(3600),
+            l.silence,
+        );
+        replicas_ok(&s);
+        let mut p = plan(false);
+        p.down_for = Duration::from_secs(10);
+        p.members.push(m("pg-3", 100, false));
+        let r = run(&s, &p, &l).await.unwrap();
+        assert_eq!(r.promoted_after, l.silence);
     }
 }

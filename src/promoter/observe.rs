@@ -333,7 +333,7 @@ pub async fn observe_member(member: &Member, login: &Login) -> NodeObservation {
     }
 }
 
-/// Looks at every member and at every pglb, all at once.
+/// Looks at every member (all at once), then at every pglb (all at once).
 pub async fn observe(settings: &Settings) -> Observation {
     let at = Instant::now();
     let nodes = join_all(
@@ -341,7 +341,11 @@ pub async fn observe(settings: &Settings) -> Observation {
             .members
             .iter()
             .map(|m| observe_member(m, &settings.login)),
-    );
+    )
+    .await;
+    // pglb is read once the servers have answered or timed out: a look that waited out a hung
+    // server (the whole probe timeout) still carries the witnesses' view as of its end, not as
+    // of its start, so a pglb that has just marked the primary down is heard in this look.
     let pglb = join_all(settings.pglb_stats.iter().map(|addr| async move {
         Witness {
             at: addr.clone(),
@@ -352,8 +356,8 @@ pub async fn observe(settings: &Settings) -> Observation {
             )
             .await,
         }
-    }));
-    let (nodes, pglb) = tokio::join!(nodes, pglb);
+    }))
+    .await;
     Observation {
         at,
         nodes,

@@ -100,6 +100,22 @@ impl ActError {
     }
 }
 
+impl ActError {
+    /// No answer from the server at all (a timeout, or the promoter could not even try): it
+    /// may be hung rather than gone. Every other error is an answer (refused, reset, an error
+    /// from the server).
+    pub fn is_silence(&self) -> bool {
+        matches!(
+            self,
+            ActError::Timeout { .. }
+                | ActError::Server {
+                    source: ProbeError::Timeout(_) | ProbeError::Local(_),
+                    ..
+                }
+        )
+    }
+}
+
 /// Everything the promoter changes on servers.
 pub trait Promoter: Send + Sync {
     /// Fresh recovery state and positions.
@@ -177,6 +193,12 @@ pub trait Promoter: Send + Sync {
         primary: &Member,
         value: &str,
     ) -> impl Future<Output = Result<(), ActError>> + Send;
+    /// Bound on one look at a server (`Settings::probe_timeout`), from which a failover derives
+    /// how long a silent server is waited for (`failover::Limits::with_look`); `None` keeps the
+    /// `Limits` it was given.
+    fn look_bound(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A string as a SQL literal, safe whatever `standard_conforming_strings` says (libpq's
@@ -244,9 +266,15 @@ pub struct PgPromoter {
     step_timeout: Duration,
 }
 
+/// Bound on one ordinary step of the promoter on a server (login + a few statements): three
+/// looks' bounds (`look` = `Settings::probe_timeout`), at least 3 s.
+pub fn step_timeout(look: Duration) -> Duration {
+    (look * 3).max(Duration::from_secs(3))
+}
+
 impl PgPromoter {
     pub fn new(settings: Arc<Settings>) -> PgPromoter {
-        let step_timeout = (settings.probe_timeout() * 3).max(Duration::from_secs(3));
+        let step_timeout = step_timeout(settings.probe_timeout());
         PgPromoter {
             settings,
             step_timeout,
@@ -369,6 +397,10 @@ impl Promoter for PgPromoter {
         )
         .await
         .map(Option::unwrap_or_default)
+    }
+
+    fn look_bound(&self) -> Option<Duration> {
+        Some(self.settings.probe_timeout())
     }
 
     async fn stop_receiver(&self, node: &Member) -> Result<String, ActError> {
@@ -571,6 +603,9 @@ pub struct DryRun(pub PgPromoter);
 impl Promoter for DryRun {
     async fn position(&self, node: &Member) -> Result<Position, ActError> {
         self.0.position(node).await
+    }
+    fn look_bound(&self) -> Option<Duration> {
+        self.0.look_bound()
     }
     async fn stop_receiver(&self, node: &Member) -> Result<String, ActError> {
         info!(dry_run = true, node = %node.name, "would stop the WAL receiver");

@@ -1,7 +1,8 @@
 //! Failover-test harness: clusters ready for `pg_rewind`, the `pglb-promoter` binary (config
 //! derived from a running pglb's, status endpoint, log, kill -9 and restart, one-shot CLI
-//! commands), kill -9 of a postmaster and its restart, a TCP relay that can be cut, and a
-//! background writer that counts acknowledged rows.
+//! commands), kill -9 of a postmaster and its restart, a TCP relay that can be cut, a
+//! background writer that counts acknowledged rows, and one that connects anew for every
+//! write and counts failed connection attempts.
 //!
 //! Environment: `PGLB_PROMOTER_BIN` (binary to test; default: the one cargo built,
 //! `CARGO_BIN_EXE_pglb-promoter`).
@@ -835,6 +836,237 @@ impl Writer {
 }
 
 impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// The server's SQLSTATE and message, or the client's error and its cause.
+fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}", db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+/// Where a [`ConnWriter`] attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailedAt {
+    /// The login through the proxy failed (an error such as pglb's FATAL, a reset) or did not
+    /// finish within the login timeout: what a connecting client counts as a failed connection.
+    Connect,
+    /// Logged in, then the insert failed: it was in flight on a server that went away.
+    Write,
+}
+
+/// One failed [`ConnWriter`] attempt.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// When the attempt started.
+    pub at: Instant,
+    pub took: Duration,
+    pub stage: FailedAt,
+    pub error: String,
+}
+
+/// Like `pgbench -C`: a new connection for every insert into `table` through `addr`, one
+/// attempt after the other (connect, insert, disconnect); records what was acknowledged and
+/// every attempt that failed, with the stage where it failed.
+pub struct ConnWriter {
+    pub table: String,
+    acks: Arc<Mutex<Vec<Ack>>>,
+    failures: Arc<Mutex<Vec<Failure>>>,
+    attempts: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ConnWriter {
+    /// Creates `table` through `addr`, then starts. A login that takes longer than
+    /// `login_timeout` (what an application would allow) is a failed connection attempt.
+    pub async fn start(addr: SocketAddr, table: &str, login_timeout: Duration) -> ConnWriter {
+        let c = connect_as(addr, APP_USER, APP_PASSWORD)
+            .await
+            .expect("conn writer: connect to create the table");
+        c.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (id bigint PRIMARY KEY, at timestamptz DEFAULT now())"
+        ))
+        .await
+        .expect("conn writer: create table");
+        drop(c);
+        let acks: Arc<Mutex<Vec<Ack>>> = Arc::default();
+        let failures: Arc<Mutex<Vec<Failure>>> = Arc::default();
+        let attempts = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let (acks, failures, attempts, stop, table) = (
+                acks.clone(),
+                failures.clone(),
+                attempts.clone(),
+                stop.clone(),
+                table.to_string(),
+            );
+            async move {
+                let mut id = 1i64;
+                while !stop.load(Ordering::Relaxed) {
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    let started = Instant::now();
+                    let fail = |stage, error: String| Failure {
+                        at: started,
+                        took: started.elapsed(),
+                        stage,
+                        error,
+                    };
+                    let cfg = super::client_config(addr, APP_USER, APP_PASSWORD);
+                    let client = match tokio::time::timeout(
+                        login_timeout,
+                        cfg.connect(tokio_postgres::NoTls),
+                    )
+                    .await
+                    {
+                        Ok(Ok((client, connection))) => {
+                            tokio::spawn(async move {
+                                let _ = connection.await;
+                            });
+                            client
+                        }
+                        Ok(Err(e)) => {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(fail(FailedAt::Connect, error_text(&e)));
+                            // pgbench -C goes on at once; a short pause keeps a refusing
+                            // proxy from being counted thousands of times.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                        Err(_) => {
+                            failures.lock().unwrap().push(fail(
+                                FailedAt::Connect,
+                                format!("no login within {login_timeout:?}"),
+                            ));
+                            continue;
+                        }
+                    };
+                    let sql = format!(
+                        "INSERT INTO {table} (id) VALUES ({id}) RETURNING inet_server_port()"
+                    );
+                    // Unknown outcome on failure: an id is never reused.
+                    let this = id;
+                    id += 1;
+                    match tokio::time::timeout(Duration::from_secs(30), client.simple_query(&sql))
+                        .await
+                    {
+                        Ok(Ok(msgs)) => {
+                            let port = msgs
+                                .iter()
+                                .find_map(|m| match m {
+                                    tokio_postgres::SimpleQueryMessage::Row(r) => {
+                                        r.get(0).and_then(|p| p.parse().ok())
+                                    }
+                                    _ => None,
+                                })
+                                .unwrap_or(0);
+                            acks.lock().unwrap().push(Ack {
+                                id: this,
+                                at: Instant::now(),
+                                port,
+                            });
+                        }
+                        Ok(Err(e)) => failures
+                            .lock()
+                            .unwrap()
+                            .push(fail(FailedAt::Write, error_text(&e))),
+                        Err(_) => failures
+                            .lock()
+                            .unwrap()
+                            .push(fail(FailedAt::Write, "no answer within 30s".into())),
+                    }
+                }
+            }
+        });
+        ConnWriter {
+            table: table.to_string(),
+            acks,
+            failures,
+            attempts,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.acks.lock().unwrap().len()
+    }
+
+    /// Attempts started so far.
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+
+    pub fn failures(&self) -> Vec<Failure> {
+        self.failures.lock().unwrap().clone()
+    }
+
+    /// The first insert acknowledged after `t` by a server other than the one on `port`.
+    pub fn first_elsewhere(&self, t: Instant, port: u16) -> Option<Ack> {
+        self.acks
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|a| a.at > t && a.port != port)
+            .copied()
+    }
+
+    /// Waits for [`ConnWriter::first_elsewhere`].
+    pub async fn wait_first_elsewhere(&self, t: Instant, port: u16, timeout: Duration) -> Ack {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(a) = self.first_elsewhere(t, port) {
+                return a;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "no new-connection write acknowledged by another server within {timeout:?} ({} acks, failures: {:?})",
+                    self.count(),
+                    self.failures()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn wait_count(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.count() < n {
+            if Instant::now() >= deadline {
+                panic!(
+                    "conn writer: {} of {n} rows acknowledged after {timeout:?} (failures: {:?})",
+                    self.count(),
+                    self.failures()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops after the attempt in progress; returns every acknowledged row.
+    pub async fn stop(mut self) -> Vec<Ack> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(40), t).await;
+        }
+        self.acks.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ConnWriter {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.task.take() {
