@@ -87,7 +87,7 @@ impl Relay {
         relay
     }
 
-    /// A hang server: accepts, reads, never writes a byte.
+    /// A hang server: accepts, reads (refusing TLS), never answers the startup.
     async fn hang() -> Relay {
         Relay::start(None, HANG_ALL).await
     }
@@ -150,6 +150,18 @@ async fn read_startup_packet(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(p)
 }
 
+/// The StartupMessage, after answering `N` to an SSLRequest in front of it (the servers behind
+/// the relay speak plain text; pglb's checks ask for TLS first with the default `sslmode =
+/// "prefer"`), so the relay knows whose connection it is before it forwards or hangs it.
+async fn read_first_startup(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let p = read_startup_packet(s).await?;
+    if p.len() == 8 && p[4..8] == [0x04, 0xd2, 0x16, 0x2f] {
+        s.write_all(b"N").await?;
+        return read_startup_packet(s).await;
+    }
+    Ok(p)
+}
+
 /// `application_name` of a protocol-3 StartupMessage.
 fn app_name(packet: &[u8]) -> String {
     if packet.len() < 8 || packet[4..8] != [0, 3, 0, 0] {
@@ -174,7 +186,7 @@ async fn relay_conn(
     conns: Arc<Mutex<Vec<RelayConn>>>,
     stop: CancellationToken,
 ) {
-    let first = tokio::time::timeout(Duration::from_secs(5), read_startup_packet(&mut down)).await;
+    let first = tokio::time::timeout(Duration::from_secs(5), read_first_startup(&mut down)).await;
     let first = match first {
         Ok(Ok(p)) => Some(p),
         _ => None,
