@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Entrypoint of the pglb PostgreSQL 15 image: one image for every node of a primary/replica cluster.
+# Entrypoint of the pglb PostgreSQL image (15, 17 or 18: PG_MAJOR): one image for every node of a
+# primary/replica cluster.
 #
 # What it does, depending on what it finds:
 #   * empty data dir, a peer is already a primary       -> clone it (pg_basebackup), start as standby
@@ -40,7 +41,8 @@
 set -Eeuo pipefail
 shopt -s nullglob
 
-export PATH="/usr/lib/postgresql/${PG_MAJOR:-15}/bin:$PATH"
+PG_MAJOR="${PG_MAJOR:-15}"
+export PATH="/usr/lib/postgresql/$PG_MAJOR/bin:$PATH"
 export PGDATA="${PGDATA:-/var/lib/postgresql/data/pgdata}"
 export LC_ALL=C.UTF-8
 VOLUME_DIR="$(dirname "$PGDATA")"
@@ -484,7 +486,12 @@ main() {
             clone_from ${PRIMARY}
         fi
     else
-        local sysid tl role
+        local sysid tl role version
+        version="$(cat "$PGDATA/PG_VERSION")"
+        [ "$version" = "$PG_MAJOR" ] ||
+            die "the data directory holds a PostgreSQL $version cluster and this image runs PostgreSQL $PG_MAJOR;" \
+                "start it with PG_MAJOR=$version, or remove the volumes (compose/dc down -v: the data is lost)" \
+                "to begin anew on $PG_MAJOR (an upgrade in place with pg_upgrade is not automated)"
         sysid="$(controldata "Database system identifier")"
         tl="$(local_timeline)"
         role=primary; [ -f "$PGDATA/standby.signal" ] && role=standby
