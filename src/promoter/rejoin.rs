@@ -4,8 +4,10 @@
 //! the primary, write `standby.signal` and its `primary_conninfo`/`primary_slot_name` (dropping
 //! the fence and any synchronous standby list) into `postgresql.auto.conf`, start it again with
 //! its previous command line (`pg_ctl restart` reads `postmaster.opts`) and wait until the
-//! primary lists it as streaming. Server programs run as the data directory's owner (through
-//! `runuser` when called as root).
+//! primary lists it as streaming and it answers, in recovery, at its own address from the config.
+//! pg_rewind copies `postgresql.conf` and `postgresql.auto.conf` from the primary: a `port` kept
+//! there would bring the server back on the primary's port, so that is checked and reported.
+//! Server programs run as the data directory's owner (through `runuser` when called as root).
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -66,6 +68,30 @@ pub enum RejoinError {
     StillRunning,
     #[error(transparent)]
     Act(#[from] ActError),
+    #[error(
+        "{name} came back on port {actual}, not on its own port {expected} ({address}); it was \
+         stopped again. pg_rewind copied postgresql.conf and postgresql.auto.conf from {primary}: \
+         keep node-specific settings (port, listen_addresses, cluster_name) on the server's command \
+         line (pg_ctl -o, kept in postmaster.opts) or in a file outside the data directory"
+    )]
+    WrongPort {
+        name: String,
+        address: String,
+        expected: u16,
+        actual: u16,
+        primary: String,
+    },
+    #[error(
+        "{name} streams from {primary} but does not answer as a standby at its own address \
+         {address} {after:?} after its start: are listen_addresses and port the node's own? \
+         (pg_rewind copied postgresql.conf and postgresql.auto.conf from {primary})"
+    )]
+    NotAtOwnAddress {
+        name: String,
+        address: String,
+        primary: String,
+        after: Duration,
+    },
     #[error(
         "{name} is not streaming from {primary} {after:?} after its start; see its server log"
     )]
@@ -224,6 +250,17 @@ impl Tools {
     }
 }
 
+/// The port a running server listens on: line 4 of `postmaster.pid`.
+fn postmaster_port(data: &Path) -> Option<u16> {
+    fs::read_to_string(data.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .nth(3)?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn postmaster_alive(data: &Path) -> bool {
     fs::read_to_string(data.join("postmaster.pid"))
         .ok()
@@ -375,22 +412,59 @@ pub async fn run(settings: &Settings, opts: &RejoinOptions) -> Result<RejoinRepo
         )
         .await?;
     info!(step = "restart", node = %me.name, "rejoin: server started as a standby");
+    // pg_rewind replaced postgresql.conf with the primary's: a port set there is the primary's.
+    let expected = decide::split_address(&me.address).map(|(_, p)| p);
+    if let (Some(expected), Some(actual)) = (expected, postmaster_port(data)) {
+        if expected != actual {
+            warn!(step = "verify", node = %me.name, expected, actual, "rejoin: the server came back on another port; stopping it");
+            let mut cmd = tools.command("pg_ctl");
+            cmd.arg("-D")
+                .arg(data)
+                .args(["-m", "fast", "-w", "-t", "60", "stop"]);
+            if let Err(e) = tools
+                .run("pg_ctl stop", cmd, Duration::from_secs(90), true)
+                .await
+            {
+                warn!(step = "verify", node = %me.name, error = %e, "rejoin: could not stop the server on the wrong port");
+            }
+            return Err(RejoinError::WrongPort {
+                name: me.name,
+                address: me.address,
+                expected,
+                actual,
+                primary: primary.name,
+            });
+        }
+    }
     let deadline = started + opts.timeout;
+    let mut streaming = false;
     loop {
         if let Ok(st) = pg.status(&primary).await {
-            if st.streaming_standbys.iter().any(|a| a == &me.name) {
-                let after = started.elapsed();
-                info!(step = "verify", node = %me.name, primary = %primary.name, after_s = after.as_secs_f64(), "rejoin: streaming from the primary");
-                return Ok(RejoinReport {
-                    name: me.name,
-                    primary: primary.name,
-                    rewind: rewind_summary,
-                    started: true,
-                    streaming_after_seconds: Some(after.as_secs_f64()),
-                });
-            }
+            streaming = st.streaming_standbys.iter().any(|a| a == &me.name);
+        }
+        // Streaming alone is not enough: it must also be reachable where pglb and the promoter
+        // look for it.
+        if streaming && pg.status(&me).await.is_ok_and(|st| st.in_recovery) {
+            let after = started.elapsed();
+            info!(step = "verify", node = %me.name, primary = %primary.name, after_s = after.as_secs_f64(), "rejoin: streaming from the primary, in recovery at its own address");
+            return Ok(RejoinReport {
+                name: me.name,
+                primary: primary.name,
+                rewind: rewind_summary,
+                started: true,
+                streaming_after_seconds: Some(after.as_secs_f64()),
+            });
         }
         if Instant::now() >= deadline {
+            if streaming {
+                warn!(step = "verify", node = %me.name, address = %me.address, "rejoin: streaming, but not answering at its own address");
+                return Err(RejoinError::NotAtOwnAddress {
+                    name: me.name,
+                    address: me.address,
+                    primary: primary.name,
+                    after: opts.timeout,
+                });
+            }
             warn!(step = "verify", node = %me.name, "rejoin: not streaming yet");
             return Err(RejoinError::NotStreaming {
                 name: me.name,
