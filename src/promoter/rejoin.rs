@@ -4,10 +4,10 @@
 //! the primary, write `standby.signal` and its `primary_conninfo`/`primary_slot_name` (dropping
 //! the fence and any synchronous standby list) into `postgresql.auto.conf`, start it again with
 //! its previous command line (`pg_ctl restart` reads `postmaster.opts`) and wait until the
-//! primary lists it as streaming and it answers, in recovery, at its own address from the config.
-//! pg_rewind copies `postgresql.conf` and `postgresql.auto.conf` from the primary: a `port` kept
-//! there would bring the server back on the primary's port, so that is checked and reported.
-//! Server programs run as the data directory's owner (through `runuser` when called as root).
+//! primary lists it as streaming. Server programs run as the data directory's owner (through
+//! `runuser` when called as root). pg_rewind copies `postgresql.conf` and `postgresql.auto.conf`
+//! from the primary: a `port` kept there brings the server back on the primary's port, which is
+//! checked (`postmaster.pid`) and reported.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -80,17 +80,6 @@ pub enum RejoinError {
         expected: u16,
         actual: u16,
         primary: String,
-    },
-    #[error(
-        "{name} streams from {primary} but does not answer as a standby at its own address \
-         {address} {after:?} after its start: are listen_addresses and port the node's own? \
-         (pg_rewind copied postgresql.conf and postgresql.auto.conf from {primary})"
-    )]
-    NotAtOwnAddress {
-        name: String,
-        address: String,
-        primary: String,
-        after: Duration,
     },
     #[error(
         "{name} is not streaming from {primary} {after:?} after its start; see its server log"
@@ -437,34 +426,21 @@ pub async fn run(settings: &Settings, opts: &RejoinOptions) -> Result<RejoinRepo
         }
     }
     let deadline = started + opts.timeout;
-    let mut streaming = false;
     loop {
         if let Ok(st) = pg.status(&primary).await {
-            streaming = st.streaming_standbys.iter().any(|a| a == &me.name);
-        }
-        // Streaming alone is not enough: it must also be reachable where pglb and the promoter
-        // look for it.
-        if streaming && pg.status(&me).await.is_ok_and(|st| st.in_recovery) {
-            let after = started.elapsed();
-            info!(step = "verify", node = %me.name, primary = %primary.name, after_s = after.as_secs_f64(), "rejoin: streaming from the primary, in recovery at its own address");
-            return Ok(RejoinReport {
-                name: me.name,
-                primary: primary.name,
-                rewind: rewind_summary,
-                started: true,
-                streaming_after_seconds: Some(after.as_secs_f64()),
-            });
-        }
-        if Instant::now() >= deadline {
-            if streaming {
-                warn!(step = "verify", node = %me.name, address = %me.address, "rejoin: streaming, but not answering at its own address");
-                return Err(RejoinError::NotAtOwnAddress {
+            if st.streaming_standbys.iter().any(|a| a == &me.name) {
+                let after = started.elapsed();
+                info!(step = "verify", node = %me.name, primary = %primary.name, after_s = after.as_secs_f64(), "rejoin: streaming from the primary");
+                return Ok(RejoinReport {
                     name: me.name,
-                    address: me.address,
                     primary: primary.name,
-                    after: opts.timeout,
+                    rewind: rewind_summary,
+                    started: true,
+                    streaming_after_seconds: Some(after.as_secs_f64()),
                 });
             }
+        }
+        if Instant::now() >= deadline {
             warn!(step = "verify", node = %me.name, "rejoin: not streaming yet");
             return Err(RejoinError::NotStreaming {
                 name: me.name,
