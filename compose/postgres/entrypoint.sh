@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Entrypoint of the pglb PostgreSQL 15 image: one image for every node of a primary/replica cluster.
+# Entrypoint of the pglb PostgreSQL image (15, 17 or 18: PG_MAJOR): one image for every node of a
+# primary/replica cluster.
 #
 # What it does, depending on what it finds:
 #   * empty data dir, a peer is already a primary       -> clone it (pg_basebackup), start as standby
@@ -35,18 +36,24 @@
 # compose/up, and the stack uses the new one. Passwords never appear on a command line.
 #
 # Files: PGDATA=/var/lib/postgresql/data/pgdata (a subdirectory of the volume, so that a broken
-# data dir can be moved aside). conf.d/00-pglb.conf, conf.d/99-node.conf and pg_hba.conf are
-# rewritten at every start; put your own settings in postgresql.auto.conf (ALTER SYSTEM).
+# data dir can be moved aside). conf.d/00-pglb.conf and pg_hba.conf are rewritten at every start;
+# put your own settings in postgresql.auto.conf (ALTER SYSTEM).
+# Node-specific settings (listen_addresses, port, cluster_name) are given to postgres on its
+# command line (-c), never in a file inside PGDATA: pg_rewind copies postgresql.conf,
+# postgresql.auto.conf and conf.d/ from the primary it rewinds from, and the command line outranks
+# every file, so a rewound node still starts as itself (docs/failover.md, "Rejoin").
 set -Eeuo pipefail
 shopt -s nullglob
 
-export PATH="/usr/lib/postgresql/${PG_MAJOR:-15}/bin:$PATH"
+PG_MAJOR="${PG_MAJOR:-15}"
+export PATH="/usr/lib/postgresql/$PG_MAJOR/bin:$PATH"
 export PGDATA="${PGDATA:-/var/lib/postgresql/data/pgdata}"
 export LC_ALL=C.UTF-8
 VOLUME_DIR="$(dirname "$PGDATA")"
 PGHOME=/var/lib/postgresql
 PASSFILE="$PGHOME/.pgpass"
 SOCKET_DIR=/var/run/postgresql
+PORT=5432   # the peers (PGLB_PEERS), pglb's lb.toml and the health checks all say 5432
 
 NODE="${PGLB_NODE_NAME:-}"
 REPL_USER="${PGLB_REPLICATION_USER:-replicator}"
@@ -80,6 +87,12 @@ as_pg() {
     else
         "$@"
     fi
+}
+
+# The node's own settings, on the command line of every postgres this script starts (see the
+# header: pg_rewind cannot overwrite them there).
+node_options() {
+    NODE_OPTS=(-c "listen_addresses=${1:-*}" -c "port=$PORT" -c "cluster_name=$NODE")
 }
 
 slot_name() { printf '%s' "$1" | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9_]/_/g'; }
@@ -222,9 +235,9 @@ write_config() {
         printf "\n# pglb: settings managed by the image entrypoint\ninclude_dir = 'conf.d'\n" | as_pg tee -a "$PGDATA/postgresql.conf" >/dev/null
     as_pg tee "$PGDATA/conf.d/00-pglb.conf" >/dev/null <<'EOF'
 # Written by the pglb image entrypoint at every start: edits here are lost.
-# Use ALTER SYSTEM (postgresql.auto.conf) for your own settings.
-listen_addresses = '*'
-port = 5432
+# Use ALTER SYSTEM (postgresql.auto.conf) for your own settings. listen_addresses, port and
+# cluster_name are on the server's command line (the entrypoint), where pg_rewind cannot
+# overwrite them.
 unix_socket_directories = '/var/run/postgresql'
 password_encryption = 'scram-sha-256'
 
@@ -247,8 +260,8 @@ logging_collector = off
 log_destination = 'stderr'
 log_line_prefix = '%m [%p] %q%u@%d '
 EOF
-    printf "# Written by the pglb image entrypoint at every start.\ncluster_name = '%s'\n" "$NODE" |
-        as_pg tee "$PGDATA/conf.d/99-node.conf" >/dev/null
+    # before the settings moved to the command line, the node's name was kept here
+    rm -f "$PGDATA/conf.d/99-node.conf"
     as_pg tee "$PGDATA/pg_hba.conf" >/dev/null <<EOF
 # Written by the pglb image entrypoint at every start: edits here are lost.
 # TYPE  DATABASE     USER      ADDRESS  METHOD
@@ -332,7 +345,8 @@ reconcile_roles() {
     local app_user="${APP_USER:-}" app_db="${APP_DB:-${APP_USER:-}}"
     log "starting a temporary server on the Unix socket only, to set roles and passwords"
     TEMP_SERVER=1
-    as_pg pg_ctl -D "$PGDATA" -w -t 300 -o "-c listen_addresses=''" start >&2 || return 1
+    node_options ""
+    as_pg pg_ctl -D "$PGDATA" -w -t 300 -o "${NODE_OPTS[*]}" start >&2 || return 1
     local rc=0
     as_pg psql -X -q -v ON_ERROR_STOP=1 -h "$SOCKET_DIR" -U postgres -d postgres \
         -v repl_user="$REPL_USER" -v check_user="$CHECK_USER" -v promoter_user="$PROMOTER_USER" \
@@ -484,7 +498,12 @@ main() {
             clone_from ${PRIMARY}
         fi
     else
-        local sysid tl role
+        local sysid tl role version
+        version="$(cat "$PGDATA/PG_VERSION")"
+        [ "$version" = "$PG_MAJOR" ] ||
+            die "the data directory holds a PostgreSQL $version cluster and this image runs PostgreSQL $PG_MAJOR;" \
+                "start it with PG_MAJOR=$version, or remove the volumes (compose/dc down -v: the data is lost)" \
+                "to begin anew on $PG_MAJOR (an upgrade in place with pg_upgrade is not automated)"
         sysid="$(controldata "Database system identifier")"
         tl="$(local_timeline)"
         role=primary; [ -f "$PGDATA/standby.signal" ] && role=standby
@@ -534,10 +553,12 @@ main() {
     fi
     trap - ERR
     log "starting PostgreSQL $(as_pg postgres --version | awk '{print $3}') as $([ -f "$PGDATA/standby.signal" ] && echo standby || echo primary)"
+    node_options '*'
+    log "node settings on the command line: ${NODE_OPTS[*]}"
     if [ "$(id -u)" = 0 ]; then
-        exec setpriv --reuid=postgres --regid=postgres --init-groups env HOME="$PGHOME" postgres -D "$PGDATA"
+        exec setpriv --reuid=postgres --regid=postgres --init-groups env HOME="$PGHOME" postgres -D "$PGDATA" "${NODE_OPTS[@]}"
     fi
-    exec postgres -D "$PGDATA"
+    exec postgres -D "$PGDATA" "${NODE_OPTS[@]}"
 }
 
 main "$@"

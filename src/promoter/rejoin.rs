@@ -5,7 +5,9 @@
 //! the fence and any synchronous standby list) into `postgresql.auto.conf`, start it again with
 //! its previous command line (`pg_ctl restart` reads `postmaster.opts`) and wait until the
 //! primary lists it as streaming. Server programs run as the data directory's owner (through
-//! `runuser` when called as root).
+//! `runuser` when called as root). pg_rewind copies `postgresql.conf` and `postgresql.auto.conf`
+//! from the primary: a `port` kept there brings the server back on the primary's port, which is
+//! checked (`postmaster.pid`) and reported.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -66,6 +68,19 @@ pub enum RejoinError {
     StillRunning,
     #[error(transparent)]
     Act(#[from] ActError),
+    #[error(
+        "{name} came back on port {actual}, not on its own port {expected} ({address}); it was \
+         stopped again. pg_rewind copied postgresql.conf and postgresql.auto.conf from {primary}: \
+         keep node-specific settings (port, listen_addresses, cluster_name) on the server's command \
+         line (pg_ctl -o, kept in postmaster.opts) or in a file outside the data directory"
+    )]
+    WrongPort {
+        name: String,
+        address: String,
+        expected: u16,
+        actual: u16,
+        primary: String,
+    },
     #[error(
         "{name} is not streaming from {primary} {after:?} after its start; see its server log"
     )]
@@ -247,6 +262,17 @@ impl Tools {
     }
 }
 
+/// The port a running server listens on: line 4 of `postmaster.pid`.
+fn postmaster_port(data: &Path) -> Option<u16> {
+    fs::read_to_string(data.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .nth(3)?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn postmaster_alive(data: &Path) -> bool {
     fs::read_to_string(data.join("postmaster.pid"))
         .ok()
@@ -420,6 +446,30 @@ pub async fn run(settings: &Settings, opts: &RejoinOptions) -> Result<RejoinRepo
         )
         .await?;
     info!(step = "restart", node = %me.name, "rejoin: server started as a standby");
+    // pg_rewind replaced postgresql.conf with the primary's: a port set there is the primary's.
+    let expected = decide::split_address(&me.address).map(|(_, p)| p);
+    if let (Some(expected), Some(actual)) = (expected, postmaster_port(data)) {
+        if expected != actual {
+            warn!(step = "verify", node = %me.name, expected, actual, "rejoin: the server came back on another port; stopping it");
+            let mut cmd = tools.command("pg_ctl");
+            cmd.arg("-D")
+                .arg(data)
+                .args(["-m", "fast", "-w", "-t", "60", "stop"]);
+            if let Err(e) = tools
+                .run("pg_ctl stop", cmd, Duration::from_secs(90), true)
+                .await
+            {
+                warn!(step = "verify", node = %me.name, error = %e, "rejoin: could not stop the server on the wrong port");
+            }
+            return Err(RejoinError::WrongPort {
+                name: me.name,
+                address: me.address,
+                expected,
+                actual,
+                primary: primary.name,
+            });
+        }
+    }
     let deadline = started + opts.timeout;
     // Streaming for real: the primary lists it as streaming AND its own WAL receiver streams
     // on the primary's timeline, on two looks a second apart (a standby whose timeline forked

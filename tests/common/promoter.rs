@@ -577,6 +577,32 @@ pub async fn rejoin(promoter: &Promoter, node: &PgNode) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// Runs `pglb-promoter rejoin` for `node` like [`rejoin`], success or not: (success, stdout +
+/// stderr).
+pub async fn try_rejoin(promoter: &Promoter, node: &PgNode) -> (bool, String) {
+    let mut cmd = promoter.command();
+    cmd.arg("rejoin")
+        .args(["--name", node.name(), "--data-dir"])
+        .arg(node.data_dir())
+        .arg("--pg-bin")
+        .arg(pg_bin_dir())
+        .arg("--log")
+        .arg(node.log_path())
+        .args(["--timeout", "30s"]);
+    let out = tokio::task::spawn_blocking(move || {
+        super::run_with_timeout(&mut cmd, Duration::from_secs(180))
+    })
+    .await
+    .expect("join rejoin")
+    .unwrap_or_else(|e| panic!("pglb-promoter rejoin: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Runs `pglb-promoter switchover --to NAME`; returns the JSON report.
 pub async fn switchover(promoter: &Promoter, to: &str) -> serde_json::Value {
     let mut cmd = promoter.command();
