@@ -586,7 +586,7 @@ async fn steps<P: Promoter>(
 }
 
 /// Puts back the receivers a failover stopped (one that promoted nobody).
-async fn restore<P: Promoter>(p: &P, stopped: &[(Member, String)]) {
+pub(super) async fn restore<P: Promoter>(p: &P, stopped: &[(Member, String)]) {
     for (m, prev) in stopped {
         if prev.is_empty() {
             continue;

@@ -14,10 +14,10 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::decide::{self, Primary, State};
-use super::failover::{promote_and_follow, FailoverError, Limits};
+use super::failover::{promote_and_follow, restore, FailoverError, Limits, Promotion};
 use super::observe::{self, PglbView};
 use super::promote::{ActError, Promoter};
-use super::settings::Settings;
+use super::settings::{Member, Settings};
 use crate::pg::Lsn;
 
 #[derive(Debug, thiserror::Error)]
@@ -132,53 +132,43 @@ pub async fn run<P: Promoter>(
         warn!(step = "checkpoint", node = %old.name, error = %e, "switchover: checkpoint on the old primary failed; rejoin may need more WAL");
     }
 
-    // 2. The target must hold the final WAL position, read again until it holds still.
-    let deadline = started + timeout;
-    // Every client session ended before the first read, so every commit is at or before it;
-    // WAL that still moves after it comes from background work, and a few rounds suffice.
-    let mut final_lsn = Lsn::default();
-    for round in 0..5 {
-        let lsn = p.position(&old).await?.current_lsn.unwrap_or_default();
-        let caught_up = loop {
-            match p.position(&target).await {
-                Ok(q) if q.replay_lsn.unwrap_or_default() >= lsn => break true,
-                _ if Instant::now() >= deadline => break false,
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+    // Hold the other replicas still, as a failover does: WAL the read-only primary still writes
+    // in the background (a running-xacts record, the end of the checkpoint) after the final
+    // position must not reach a replica unless the target has it too, or that replica ends up
+    // ahead of the new timeline's fork and cannot follow the target. Their previous conninfo is
+    // kept (on the server too), so a switchover that promotes nobody puts them back.
+    let results = join_all(followers.iter().map(|m| p.stop_receiver(m))).await;
+    let mut stopped = Vec::new();
+    for (m, r) in followers.iter().zip(results) {
+        match r {
+            Ok(prev) => {
+                info!(step = "stop_receiver", node = %m.name, "switchover: WAL receiver stopped");
+                stopped.push((m.clone(), prev));
             }
-        };
-        if !caught_up {
-            warn!(step = "catch_up", node = to, lsn = %lsn, "switchover: target did not catch up; undoing read-only");
-            if let Err(e) = p.unfence(&old).await {
-                warn!(step = "undo", node = %old.name, error = %e, "cannot make the old primary writable again");
+            Err(e) => {
+                warn!(step = "stop_receiver", node = %m.name, error = %e, "switchover: cannot stop the WAL receiver; if it receives past the final position it will need a rejoin")
             }
-            return Err(SwitchoverError::NotCaughtUp {
-                target: to.to_string(),
-                lsn,
-                after: timeout,
-            });
         }
-        final_lsn = lsn;
-        let again = p.position(&old).await?.current_lsn.unwrap_or_default();
-        if again == lsn {
-            break;
-        }
-        info!(step = "catch_up", round, lsn = %lsn, now = %again, "switchover: WAL still moving on the read-only primary (background work)");
     }
-    info!(step = "catch_up", node = to, lsn = %final_lsn, after_s = started.elapsed().as_secs_f64(), "switchover: target replayed the final WAL position");
-
-    // 3. Promote and re-point.
-    let promotion = promote_and_follow(
+    let (final_lsn, promotion) = match catch_up_and_promote(
         p,
+        settings,
+        &old,
         &target,
         &followers,
-        &settings.members,
-        settings.synchronous,
-        &Limits::default(),
         started,
-        final_lsn,
+        timeout,
         target_timeline,
     )
-    .await?;
+    .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            // Nobody was promoted: the other replicas follow the old primary again.
+            restore(p, &stopped).await;
+            return Err(e);
+        }
+    };
 
     // 4. Until every pglb that answers routes writes to the target.
     let mut pglb_after = None;
@@ -276,4 +266,71 @@ pub async fn request(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Steps 2 and 3 of a switchover: the target replays the old primary's final WAL position (read
+/// again until it holds still), then is promoted and the others re-pointed. An error means
+/// nobody was promoted (the old primary was made writable again when the target did not catch
+/// up).
+#[allow(clippy::too_many_arguments)]
+async fn catch_up_and_promote<P: Promoter>(
+    p: &P,
+    settings: &Settings,
+    old: &Member,
+    target: &Member,
+    followers: &[Member],
+    started: Instant,
+    timeout: Duration,
+    target_timeline: u32,
+) -> Result<(Lsn, Promotion), SwitchoverError> {
+    let to = target.name.as_str();
+    // 2. The target must hold the final WAL position, read again until it holds still.
+    let deadline = started + timeout;
+    // Every client session ended before the first read, so every commit is at or before it;
+    // WAL that still moves after it comes from background work, and a few rounds suffice.
+    let mut final_lsn = Lsn::default();
+    for round in 0..5 {
+        let lsn = p.position(old).await?.current_lsn.unwrap_or_default();
+        let caught_up = loop {
+            match p.position(target).await {
+                Ok(q) if q.replay_lsn.unwrap_or_default() >= lsn => break true,
+                _ if Instant::now() >= deadline => break false,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        if !caught_up {
+            warn!(step = "catch_up", node = to, lsn = %lsn, "switchover: target did not catch up; undoing read-only");
+            if let Err(e) = p.unfence(old).await {
+                warn!(step = "undo", node = %old.name, error = %e, "cannot make the old primary writable again");
+            }
+            return Err(SwitchoverError::NotCaughtUp {
+                target: to.to_string(),
+                lsn,
+                after: timeout,
+            });
+        }
+        final_lsn = lsn;
+        let again = p.position(old).await?.current_lsn.unwrap_or_default();
+        if again == lsn {
+            break;
+        }
+        info!(step = "catch_up", round, lsn = %lsn, now = %again, "switchover: WAL still moving on the read-only primary (background work)");
+    }
+    info!(step = "catch_up", node = to, lsn = %final_lsn, after_s = started.elapsed().as_secs_f64(), "switchover: target replayed the final WAL position");
+
+    // 3. Promote and re-point.
+    let promotion = promote_and_follow(
+        p,
+        target,
+        followers,
+        &settings.members,
+        settings.synchronous,
+        &Limits::default(),
+        started,
+        final_lsn,
+        target_timeline,
+    )
+    .await?;
+
+    Ok((final_lsn, promotion))
 }
