@@ -4,6 +4,8 @@
 //!   prefix is valid (8..=MAX_STARTUP_PACKET_LENGTH) and equal to its size, and any bad prefix
 //!   or short input is refused as `BadLength`;
 //! - the stream framing the proxy does (prefix, then that many bytes) gives the same answer;
+//! - a first byte 0x16 is a TLS record (direct TLS): framed by its 5-byte record header
+//!   (`tls_record_length`) instead of the length prefix, under the same rules;
 //! - what is accepted round-trips: SSLRequest/GSSENCRequest are exactly their 8 bytes, a
 //!   CancelRequest re-encodes byte for byte with `cancel_request`, and a StartupMessage rebuilt
 //!   from the parsed version, user and database parses back to the same value;
@@ -13,8 +15,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use pglb::pg::{
-    cancel_request, error_response, packet_length, parse_first_packet, sqlstate, FirstPacket,
-    PacketError, MAX_STARTUP_PACKET_LENGTH,
+    cancel_request, error_response, packet_length, parse_first_packet, sqlstate, tls_record_length,
+    FirstPacket, PacketError, MAX_STARTUP_PACKET_LENGTH, TLS_HANDSHAKE,
 };
 
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
@@ -23,8 +25,12 @@ const SPECIAL_CODES: [u32; 3] = [80_877_102, 80_877_103, 80_877_104];
 
 fuzz_target!(|data: &[u8]| {
     let parsed = parse_first_packet(data);
-    check_against_length_prefix(data, &parsed);
-    check_stream_framing(data);
+    if data.first() == Some(&TLS_HANDSHAKE) {
+        check_tls_framing(data, &parsed);
+    } else {
+        check_against_length_prefix(data, &parsed);
+        check_stream_framing(data);
+    }
     match &parsed {
         Ok(p) => check_round_trip(data, p),
         Err(e) => check_error_response(e),
@@ -61,6 +67,43 @@ fn check_against_length_prefix(data: &[u8], parsed: &Result<FirstPacket, PacketE
                 assert_ne!(*major, 3, "protocol 3.{minor} refused as unsupported");
                 assert!(!SPECIAL_CODES.contains(&code));
                 assert_eq!(&data[4..8], &code.to_be_bytes());
+            }
+        }
+    }
+}
+
+/// A TLS record (direct TLS): accepted only when its record header is valid and gives its
+/// size; a record whose header frames it is never refused for its length; and what the proxy
+/// reads from a stream (the 5-byte header, then that many bytes in all) is never refused for
+/// its length either.
+fn check_tls_framing(data: &[u8], parsed: &Result<FirstPacket, PacketError>) {
+    let framed = data
+        .get(..5)
+        .map(|h| tls_record_length(h.try_into().unwrap()));
+    let framing_ok = framed
+        .as_ref()
+        .is_some_and(|r| r.as_ref() == Ok(&data.len()));
+    match parsed {
+        Ok(p) => {
+            assert!(
+                framing_ok,
+                "accepted a TLS record its header does not frame"
+            );
+            assert!(matches!(p, FirstPacket::DirectTls { .. }), "{p:?}");
+        }
+        Err(PacketError::BadLength(n)) => {
+            assert!(!framing_ok, "framed TLS record refused as BadLength({n})")
+        }
+        Err(PacketError::Malformed(_)) => {}
+        Err(e) => panic!("a TLS record refused as {e:?}"),
+    }
+    if let Some(Ok(len)) = framed {
+        if let Some(record) = data.get(..len) {
+            if let Err(e) = parse_first_packet(record) {
+                assert!(
+                    !matches!(e, PacketError::BadLength(_)),
+                    "framed TLS record refused as {e:?}"
+                );
             }
         }
     }
@@ -120,7 +163,14 @@ fn check_round_trip(data: &[u8], p: &FirstPacket) {
             }
         }
     }
-    assert!(["startup", "ssl_request", "gssenc_request", "cancel_request", "direct_tls"].contains(&p.kind()));
+    assert!([
+        "startup",
+        "ssl_request",
+        "gssenc_request",
+        "cancel_request",
+        "direct_tls"
+    ]
+    .contains(&p.kind()));
 }
 
 fn startup(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
