@@ -519,12 +519,18 @@ impl PgNode {
 
     /// `pg_basebackup -R -C -S <slot>` from `primary`; not started.
     fn basebackup(name: &str, root: &Path, primary: &PgNode) -> PgNode {
-        let node = PgNode::new(name, root);
-        let slot = name.replace('-', "_");
         let conninfo = format!(
             "host=127.0.0.1 port={} user={REPL_USER} password={REPL_PASSWORD} application_name={name} sslmode=disable",
             primary.port
         );
+        PgNode::basebackup_with(name, root, &conninfo)
+    }
+
+    /// `pg_basebackup -R -C -S <slot>` over `conninfo` (which names the primary, the replication
+    /// user and the TLS settings); not started.
+    pub fn basebackup_with(name: &str, root: &Path, conninfo: &str) -> PgNode {
+        let node = PgNode::new(name, root);
+        let slot = name.replace('-', "_");
         let mut cmd = server_command(&node.bin("pg_basebackup"));
         cmd.arg("-d")
             .arg(conninfo)

@@ -811,30 +811,19 @@ impl Writer {
     /// The first insert acknowledged after `t` by a server other than the one on `port` (an
     /// answer from a killed server may still arrive just after the kill).
     pub fn first_elsewhere(&self, t: Instant, port: u16) -> Option<Ack> {
-        self.acks
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|a| a.at > t && a.port != port)
-            .copied()
+        first_elsewhere(&self.acks, t, port)
     }
 
     /// Waits for [`Writer::first_elsewhere`].
     pub async fn wait_first_elsewhere(&self, t: Instant, port: u16, timeout: Duration) -> Ack {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(a) = self.first_elsewhere(t, port) {
-                return a;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "no write acknowledged by another server within {timeout:?} ({} acks, {} errors)",
-                    self.count(),
-                    self.errors.load(Ordering::Relaxed)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_first_elsewhere(&self.acks, t, port, timeout, || {
+            format!(
+                "no write acknowledged by another server within {timeout:?} ({} acks, {} errors)",
+                self.count(),
+                self.errors.load(Ordering::Relaxed)
+            )
+        })
+        .await
     }
 
     pub async fn wait_count(&self, n: usize, timeout: Duration) {
@@ -1042,30 +1031,19 @@ impl ConnWriter {
 
     /// The first insert acknowledged after `t` by a server other than the one on `port`.
     pub fn first_elsewhere(&self, t: Instant, port: u16) -> Option<Ack> {
-        self.acks
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|a| a.at > t && a.port != port)
-            .copied()
+        first_elsewhere(&self.acks, t, port)
     }
 
     /// Waits for [`ConnWriter::first_elsewhere`].
     pub async fn wait_first_elsewhere(&self, t: Instant, port: u16, timeout: Duration) -> Ack {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(a) = self.first_elsewhere(t, port) {
-                return a;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "no new-connection write acknowledged by another server within {timeout:?} ({} acks, failures: {:?})",
-                    self.count(),
-                    self.failures()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_first_elsewhere(&self.acks, t, port, timeout, || {
+            format!(
+                "no new-connection write acknowledged by another server within {timeout:?} ({} acks, failures: {:?})",
+                self.count(),
+                self.failures()
+            )
+        })
+        .await
     }
 
     pub async fn wait_count(&self, n: usize, timeout: Duration) {
@@ -1098,6 +1076,35 @@ impl Drop for ConnWriter {
         if let Some(t) = self.task.take() {
             t.abort();
         }
+    }
+}
+
+/// The first insert in `acks` acknowledged after `t` by a server other than the one on `port`.
+fn first_elsewhere(acks: &Mutex<Vec<Ack>>, t: Instant, port: u16) -> Option<Ack> {
+    acks.lock()
+        .unwrap()
+        .iter()
+        .find(|a| a.at > t && a.port != port)
+        .copied()
+}
+
+/// Polls [`first_elsewhere`] until `timeout`, then panics with `why()`.
+async fn wait_first_elsewhere(
+    acks: &Mutex<Vec<Ack>>,
+    t: Instant,
+    port: u16,
+    timeout: Duration,
+    why: impl Fn() -> String,
+) -> Ack {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(a) = first_elsewhere(acks, t, port) {
+            return a;
+        }
+        if Instant::now() >= deadline {
+            panic!("{}", why());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

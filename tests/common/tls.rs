@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::{
-    give_to_postgres, run_ok, server_command, set_mode, BackendSpec, PgCluster, PgNode, APP_USER,
-    CHECK_PASSWORD, CHECK_USER, REPL_PASSWORD, REPL_USER,
+    give_to_postgres, run_ok, set_mode, BackendSpec, PgCluster, PgNode, APP_USER, CHECK_PASSWORD,
+    CHECK_USER, REPL_PASSWORD, REPL_USER,
 };
 
 /// A certificate authority in a directory: `ca.crt` (public), `ca.key`.
@@ -215,34 +215,10 @@ impl TlsCluster {
 
 /// `pg_basebackup -R -C -S` over TLS verified against `ca`.
 fn basebackup_tls(name: &str, root: &Path, primary: &PgNode, ca: &Path) -> PgNode {
-    let node = PgNode::new(name, root);
-    let slot = name.replace('-', "_");
     let conninfo = format!(
         "host=localhost hostaddr=127.0.0.1 port={} user={REPL_USER} password={REPL_PASSWORD} application_name={name} sslmode=verify-full sslrootcert={}",
         primary.port,
         ca.display()
     );
-    let mut cmd = server_command(&node.bin("pg_basebackup"));
-    cmd.arg("-d")
-        .arg(conninfo)
-        .arg("-D")
-        .arg(&node.data)
-        .args([
-            "-R",
-            "-C",
-            "-S",
-            &slot,
-            "-c",
-            "fast",
-            "-X",
-            "stream",
-            "--no-sync",
-        ])
-        .current_dir(&node.dir);
-    run_ok(
-        &mut cmd,
-        &format!("pg_basebackup over TLS for {name}"),
-        Duration::from_secs(120),
-    );
-    node
+    PgNode::basebackup_with(name, root, &conninfo)
 }
