@@ -255,6 +255,7 @@ impl Owner {
                 let (t, err) = match result {
                     Ok(report) => {
                         s.report = Some(report);
+                        s.last_answer = Some(Instant::now());
                         s.last_error = None;
                         (s.health.record(true, rise, fall), None)
                     }

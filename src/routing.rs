@@ -271,6 +271,8 @@ pub struct BackendState {
     /// works).
     pub login_error: Option<ProbeError>,
     pub last_check: Option<SystemTime>,
+    /// When a check last got an answer.
+    pub last_answer: Option<Instant>,
     /// When up/down last changed.
     pub since: Instant,
     pub admin: AdminState,
@@ -287,6 +289,7 @@ impl BackendState {
             last_error: None,
             login_error: None,
             last_check: None,
+            last_answer: None,
             since: now,
             admin: AdminState::Enabled,
             drain_until: None,
@@ -727,6 +730,7 @@ fn backend_view(
         last_error: s.last_error.as_ref().map(|e| e.to_string()),
         last_error_kind: s.last_error.as_ref().map(|e| e.kind().to_string()),
         since: Some(since),
+        answered: s.last_answer,
         ..Default::default()
     }
 }

@@ -159,6 +159,11 @@ pub struct BackendView {
     pub upstream: Option<String>,
     pub check_latency_ms: Option<f64>,
     pub last_check_unix: Option<f64>,
+    /// Seconds since a check last got an answer from it (none yet: null). A hung server's age
+    /// grows from its last answer while its checks are still in flight: the promoter reads it
+    /// to tell a pglb that still hears the primary from one that only has not marked it down.
+    #[serde(default)]
+    pub seconds_since_answer: Option<f64>,
     pub last_error: Option<String>,
     pub last_error_kind: Option<String>,
     /// Sessions on this backend, over both ports.
@@ -168,6 +173,9 @@ pub struct BackendView {
     /// When up/down or the role last changed (for `seconds_since_change`).
     #[serde(skip)]
     pub since: Option<Instant>,
+    /// When a check last got an answer (for `seconds_since_answer`).
+    #[serde(skip)]
+    pub answered: Option<Instant>,
 }
 
 impl BackendView {
@@ -466,10 +474,22 @@ impl View {
     }
 
     /// Whether a port has no backend for new sessions (no primary, or no reader and no
-    /// fallback): checks then run at `check.fast_interval`.
+    /// fallback).
     pub fn lacks_a_backend(&self) -> bool {
         let primary = self.routing.primary.is_some();
         !primary || (self.routing.readers.is_empty() && !self.fallback_to_primary)
+    }
+
+    /// Whether checks run at `check.fast_interval`: a port has no backend, or the primary's
+    /// last check failed (it may be hung or gone: a promotion elsewhere is then seen within
+    /// `fast_interval`, not a whole `interval`).
+    pub fn checks_hurry(&self) -> bool {
+        self.lacks_a_backend()
+            || self
+                .primary
+                .as_deref()
+                .and_then(|p| self.backends.iter().find(|b| b.name == p))
+                .is_some_and(|b| b.condition == Condition::Suspect)
     }
 
     /// Sessions open over every backend, configured or draining.
@@ -501,6 +521,9 @@ impl View {
             if let Some(since) = b.since {
                 b.seconds_since_change = now.saturating_duration_since(since).as_secs_f64();
             }
+            b.seconds_since_answer = b
+                .answered
+                .map(|t| now.saturating_duration_since(t).as_secs_f64());
         }
         v
     }
@@ -650,6 +673,27 @@ mod tests {
         v.routing.cut = vec!["b1".into()];
         assert!(v.keeps(PortRole::Write, "b0"));
         assert!(!v.keeps(PortRole::Read, "b1"));
+    }
+
+    #[test]
+    fn checks_hurry_without_a_primary_or_while_the_primarys_checks_fail() {
+        let mut v = view(&[1, 1]);
+        v.fallback_to_primary = true;
+        assert!(v.checks_hurry(), "no primary");
+        v.primary = Some("b0".into());
+        v.routing.primary = Some(0);
+        assert!(!v.checks_hurry());
+        // Its last check failed (a timeout on a hung server): a promotion elsewhere is looked
+        // for at fast_interval.
+        v.backends[0].condition = Condition::Suspect;
+        assert!(v.checks_hurry());
+        // Full (a refused fresh login while the kept connection answers) is no reason.
+        v.backends[0].condition = Condition::Full;
+        assert!(!v.checks_hurry());
+        // A replica's failed check is none either.
+        v.backends[0].condition = Condition::Ok;
+        v.backends[1].condition = Condition::Suspect;
+        assert!(!v.checks_hurry());
     }
 
     #[test]

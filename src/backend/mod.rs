@@ -239,7 +239,7 @@ impl Backend {
 }
 
 /// Checks one backend every `check.interval` (every `check.fast_interval` while a port has no
-/// backend, so a new primary is seen at once), reading its settings from the newest View, until
+/// backend or the primary's last check failed, so a new primary is seen at once), reading its settings from the newest View, until
 /// `token` is cancelled; sends every result to the control task.
 pub async fn run_checker(
     backend: Arc<Backend>,
@@ -249,7 +249,7 @@ pub async fn run_checker(
 ) {
     let period_of = |v: &View| {
         let c = &v.config().check;
-        if v.lacks_a_backend() {
+        if v.checks_hurry() {
             c.fast_interval.min(c.interval)
         } else {
             c.interval

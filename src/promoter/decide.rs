@@ -123,7 +123,9 @@ impl State {
         if let Primary::One(p) = topology(obs, self).primary {
             self.primary_seen = Some(Seen {
                 name: p.name().to_string(),
-                at: obs.at,
+                // When its answer arrived (within the look, or between two looks for an attempt
+                // that outlived one); the look's start where that is not known.
+                at: p.answered_at.unwrap_or(obs.at),
                 timeline: p.reachable().map(|s| s.timeline).unwrap_or(0),
             });
         }
@@ -414,6 +416,20 @@ impl Decision {
             Decision::Wait { .. } => "wait",
         }
     }
+
+    /// Waiting while no primary answers, for the evidence of a failover to be complete (the
+    /// primary's silence, the replicas', the witnesses'): the loop looks faster meanwhile.
+    pub fn gathering_evidence(&self) -> bool {
+        matches!(
+            self,
+            Decision::Wait {
+                reason: WaitReason::PrimaryGone { .. }
+                    | WaitReason::ReplicasStillStreaming { .. }
+                    | WaitReason::PglbSeesPrimary { .. }
+                    | WaitReason::PromoterSeesPrimary { .. }
+            }
+        )
+    }
 }
 
 /// `synchronous_standby_names` for `primary`: `ANY 1 ("a", "b")` over every other configured
@@ -675,13 +691,18 @@ fn failure(obs: &Observation, state: &State, replicas: &[&NodeObservation]) -> D
             },
         };
     }
-    if let Some(primary) = obs.pglb.sees_primary() {
+    // A pglb is a witness for a server it has heard from within `failover_after`, the
+    // promoter's own measure of gone: one whose checks are only still in flight on a hung
+    // primary has not marked it down yet, but does not vouch for it.
+    let fresh = policy.failover_after;
+    if let Some(primary) = obs.pglb.sees_primary(fresh) {
         return Decision::Wait {
             reason: WaitReason::PglbSeesPrimary { primary },
         };
     }
     if let Some(last) = &last {
-        if obs.pglb.sees_up(last) && obs.node(last).is_some_and(|n| n.reachable().is_none()) {
+        if obs.pglb.sees_up(last, fresh) && obs.node(last).is_some_and(|n| n.reachable().is_none())
+        {
             return Decision::Wait {
                 reason: WaitReason::PglbSeesPrimary {
                     primary: last.clone(),
@@ -1017,6 +1038,7 @@ pub(crate) mod tests {
         NodeObservation {
             member: m,
             status: Ok(st),
+            answered_at: None,
         }
     }
 
@@ -1024,6 +1046,7 @@ pub(crate) mod tests {
         NodeObservation {
             member: m,
             status: Err(ProbeError::Refused),
+            answered_at: None,
         }
     }
 
@@ -1063,6 +1086,7 @@ pub(crate) mod tests {
         PglbView::Reachable {
             primary: primary.map(str::to_string),
             up: up.iter().map(|s| s.to_string()).collect(),
+            heard_ago: Default::default(),
         }
     }
 
@@ -1241,6 +1265,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_pglb_that_has_not_heard_from_the_primary_lately_vouches_for_nothing() {
+        // pglb still routes to pg-0 (its checks are in flight on a hung server, `fall` not
+        // reached), but its last answer is older than failover_after: no veto.
+        let heard = |age: f64| PglbView::Reachable {
+            primary: Some("pg-0".into()),
+            up: vec!["pg-0".into(), "pg-1".into()],
+            heard_ago: [("pg-0".to_string(), age)].into(),
+        };
+        let mut w = World::new();
+        w.look(0.0, healthy(), no_pglb());
+        let d = w.look(10.0, primary_dead(), heard(0.8));
+        assert_eq!(wait_kind(&d), "pglb_sees_primary");
+        let d = w.look(10.5, primary_dead(), heard(3.2));
+        assert_eq!(d.kind(), "failover");
+    }
+
+    #[test]
     fn promoter_alone_sees_nothing() {
         let mut w = World::new();
         let nodes = vec![
@@ -1287,6 +1328,7 @@ pub(crate) mod tests {
                     ..member("pg-0", 5000)
                 },
                 status: Ok(replica_status(2, 100, 5001, false)),
+                answered_at: None,
             },
             node(member("pg-3", 5003), replica_status(1, 300, 5001, false)),
         ];

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::decide::{sync_names, FailoverPlan};
-use super::promote::{step_timeout, ActError, Position, Promoter};
+use super::promote::{ActError, Position, Promoter};
 use super::settings::Member;
 use crate::pg::Lsn;
 
@@ -43,8 +43,9 @@ pub struct Limits {
     /// came at most this long after the start of the look that last saw it.
     pub look: Duration,
     /// A server that gives no answer at all passes the last "anyone writable?" check once it
-    /// has been silent this long, the looks' silence before the failover included: the bound of
-    /// one step (3 x `look`, at least 3 s), which is what one fresh check used to wait.
+    /// has been silent this long, its silence before the failover included (counted from its
+    /// last answer): two look bounds, at least 3 s, the promoter's own measure of "gone"
+    /// (`failover_after` is two look bounds).
     pub silence: Duration,
     /// ... and once an attempt of the failover itself has been unanswered this long: a third of
     /// `look`.
@@ -61,10 +62,15 @@ impl Default for Limits {
             promote: Duration::from_secs(60),
             poll: Duration::from_millis(100),
             look,
-            silence: step_timeout(look),
+            silence: silence_bound(look),
             silence_floor: look / 3,
         }
     }
+}
+
+/// [`Limits::silence`] for a look bound of `look`.
+fn silence_bound(look: Duration) -> Duration {
+    (look * 2).max(Duration::from_secs(3))
 }
 
 impl Limits {
@@ -73,7 +79,7 @@ impl Limits {
     pub fn with_look(&self, look: Duration) -> Limits {
         Limits {
             look,
-            silence: step_timeout(look),
+            silence: silence_bound(look),
             silence_floor: look / 3,
             ..self.clone()
         }
@@ -132,7 +138,7 @@ pub enum Verdict {
 /// The last check's verdict on one server, at `now`, for a check that began at `fresh_from`.
 /// An answer counts when its attempt started at or after `fresh_from` (it says how the server
 /// is now). Silence counts once it lasted `limits.silence`, where the silence before the
-/// failover (`silent_before`, the old primary's `down_for` less one look, zero for others) is
+/// failover (`silent_before`, the old primary's `down_for`, zero for others) is
 /// included only while the server has not answered at all during the failover, and once an
 /// attempt of the failover itself went unanswered for `limits.silence_floor`.
 pub fn judge(
@@ -228,8 +234,8 @@ async fn ask<P: Promoter>(
 /// The servers the failover does not compare, asked from its start (see `ask`).
 struct Asked {
     nodes: Vec<AskedNode>,
-    /// The failed primary and how long it was silent before the failover (its `down_for` less
-    /// one look).
+    /// The failed primary and how long it was silent before the failover (its `down_for`: since
+    /// its last answer arrived).
     silent_before: Option<(String, Duration)>,
 }
 
@@ -502,10 +508,7 @@ pub async fn run<P: Promoter>(
     }
     let asked = Asked {
         nodes,
-        silent_before: plan
-            .from
-            .clone()
-            .map(|f| (f, plan.down_for.saturating_sub(limits.look))),
+        silent_before: plan.from.clone().map(|f| (f, plan.down_for)),
     };
     let asking = async {
         join_all(
@@ -748,7 +751,14 @@ pub async fn promote_and_follow<P: Promoter>(
             warn!(step = "slot", node = %candidate.name, slot = %f.slot_name(), error = %e, "promote: cannot create slot");
         }
     }
-    match p.checkpoint(candidate).await {
+    // The CHECKPOINT (so the control file, and a later pg_rewind from it, carry the new
+    // timeline) and the re-pointing run together: in synchronous mode the first commit waits
+    // for a re-pointed replica to stream, and nothing in re-pointing needs the checkpoint.
+    let (checkpoint, results) = tokio::join!(
+        p.checkpoint(candidate),
+        join_all(followers.iter().map(|f| p.repoint(f, candidate)))
+    );
+    match checkpoint {
         Ok(()) => info!(step = "checkpoint", node = %candidate.name, "promote: checkpoint done"),
         Err(e) => {
             warn!(step = "checkpoint", node = %candidate.name, error = %e, "promote: checkpoint failed; pg_rewind from it may need one")
@@ -756,7 +766,6 @@ pub async fn promote_and_follow<P: Promoter>(
     }
     let mut repointed = Vec::new();
     let mut repoint_failed = Vec::new();
-    let results = join_all(followers.iter().map(|f| p.repoint(f, candidate))).await;
     for (f, r) in followers.iter().zip(results) {
         match r {
             Ok(()) => {
@@ -1182,13 +1191,13 @@ pub(crate) mod tests {
     #[test]
     fn silence_bounds_follow_the_look_bound() {
         let l = Limits::default();
-        assert_eq!(l.silence, Duration::from_millis(4500));
+        assert_eq!(l.silence, Duration::from_secs(3));
         assert_eq!(l.silence_floor, Duration::from_millis(500));
         let l = l.with_look(Duration::from_secs(5));
-        assert_eq!(l.silence, Duration::from_secs(15));
+        assert_eq!(l.silence, Duration::from_secs(10));
         assert_eq!(l.silence_floor, Duration::from_secs(5) / 3);
         assert_eq!(l.poll, Limits::default().poll);
-        // A step is never bounded under 3 s.
+        // Never under 3 s.
         assert_eq!(
             Limits::default().with_look(Duration::from_secs(1)).silence,
             Duration::from_secs(3)
@@ -1197,18 +1206,18 @@ pub(crate) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn judge_waits_out_silence_and_takes_fresh_answers() {
-        let l = Limits::default(); // look 1.5 s: silence 4.5 s, floor 0.5 s
+        let l = Limits::default(); // look 1.5 s: silence 3 s, floor 0.5 s
         let t0 = Instant::now();
         let sec = |x: f64| Duration::from_secs_f64(x);
-        // Silent from the driver's start, 2.5 s already before it: 2 s to wait.
+        // Silent from the driver's start, 1.5 s already before it: 1.5 s to wait.
         let mut h = heard(t0);
         h.asking_since = Some(t0);
         assert_eq!(
-            judge(&h, 1, t0, sec(2.5), &l, t0 + sec(1.0)),
-            Verdict::WaitUntil(t0 + sec(2.0))
+            judge(&h, 1, t0, sec(1.5), &l, t0 + sec(1.0)),
+            Verdict::WaitUntil(t0 + sec(1.5))
         );
         assert_eq!(
-            judge(&h, 1, t0, sec(2.5), &l, t0 + sec(2.0)),
+            judge(&h, 1, t0, sec(1.5), &l, t0 + sec(1.5)),
             Verdict::NotWritable
         );
         // Long silent before: the floor.
@@ -1218,8 +1227,8 @@ pub(crate) mod tests {
         );
         // Not the failed primary (nothing before): the whole silence.
         assert_eq!(
-            judge(&h, 1, t0, Duration::ZERO, &l, t0 + sec(4.0)),
-            Verdict::WaitUntil(t0 + sec(4.5))
+            judge(&h, 1, t0, Duration::ZERO, &l, t0 + sec(2.0)),
+            Verdict::WaitUntil(t0 + sec(3.0))
         );
         // An answer during the failover ends the silence before: counted from the next attempt.
         h.answer = Some(Answer {
@@ -1229,7 +1238,7 @@ pub(crate) mod tests {
         h.asking_since = Some(t0 + sec(1.0));
         assert_eq!(
             judge(&h, 1, t0 + sec(0.5), sec(30.0), &l, t0 + sec(2.0)),
-            Verdict::WaitUntil(t0 + sec(5.5))
+            Verdict::WaitUntil(t0 + sec(4.0))
         );
         // A fresh answer (its attempt started since the check began) decides at once.
         assert_eq!(
@@ -1264,7 +1273,7 @@ pub(crate) mod tests {
     async fn a_frozen_old_primary_is_waited_for_only_what_its_silence_lacks() {
         let l = Limits::default();
         let bound = l.silence; // each attempt on the hung server gives up after a step
-        for (down_for, waited) in [(4.0, 2.0), (5.0, 1.0), (10.0, 0.5)] {
+        for (down_for, waited) in [(2.0, 1.0), (2.4, 0.6), (10.0, 0.5)] {
             let s = Script::default();
             s.freeze("pg-0", Instant::now() + Duration::from_secs(3600), bound);
             replicas_ok(&s);
@@ -1272,8 +1281,8 @@ pub(crate) mod tests {
             p.down_for = Duration::from_secs_f64(down_for);
             let r = run(&s, &p, &l).await.unwrap();
             assert_eq!(r.to, "pg-1");
-            // Promoted once silent for 4.5 s in all (down_for less one look, then within the
-            // failover), at least 0.5 s of it within: not after two whole step bounds.
+            // Promoted once silent for 3 s in all (down_for, then within the failover), at
+            // least 0.5 s of it within: not after two whole step bounds.
             assert_eq!(
                 r.promoted_after,
                 Duration::from_secs_f64(waited),
@@ -1289,11 +1298,11 @@ pub(crate) mod tests {
         let mut back = standby(300, 1);
         back.in_recovery = false;
         s.set("pg-0", vec![Ok(back)]);
-        // Thawed 1 s into the failover, before its 2 s of silence were complete.
+        // Thawed 1 s into the failover, before its 3 s of silence were complete.
         s.freeze("pg-0", Instant::now() + Duration::from_secs(1), l.silence);
         replicas_ok(&s);
         let mut p = plan(false);
-        p.down_for = Duration::from_secs(4);
+        p.down_for = Duration::from_secs(1);
         let t0 = Instant::now();
         let e = run(&s, &p, &l).await.unwrap_err();
         assert_eq!(e, FailoverError::PrimaryExists("pg-0".into()));
@@ -1319,7 +1328,7 @@ pub(crate) mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_server_hung_without_history_gets_the_whole_silence() {
         // pg-3 is not the failed primary: nothing was heard from it before, so the last check
-        // waits the whole 4.5 s of silence for it, as one fresh check always did.
+        // waits the whole 3 s of silence for it.
         let l = Limits::default();
         let s = Script::default();
         s.set("pg-0", vec![dead()]);

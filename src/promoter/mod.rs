@@ -156,7 +156,12 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             Some(link)
         }
     };
-    let observe = |s: Arc<Settings>| async move { observe::observe(&s).await };
+    // Looks keep a silent server's login in flight between them (`observe::Observer`).
+    let observer = Arc::new(observe::Observer::default());
+    let observe = move |s: Arc<Settings>| {
+        let observer = observer.clone();
+        async move { observer.look(&s).await }
+    };
     // Every line the loop logs carries this promoter's id.
     let span = tracing::info_span!("promoter", id = %opts.id);
     if opts.dry_run {
@@ -543,6 +548,9 @@ async fn execute_failover<P: Promoter>(
 /// The observe → decide → execute loop. `decide` holds the policy; this only looks, runs the
 /// commands through the `Promoter` and feeds their outcomes back into the `State`. Fences run
 /// beside the loop and are awaited before it returns.
+/// The look interval while a failover's evidence is gathered (`Decision::gathering_evidence`).
+const FAST_LOOK: Duration = Duration::from_millis(200);
+
 async fn run_loop<P, F, O, Fut>(
     make: F,
     observe: O,
@@ -607,6 +615,16 @@ async fn run_loop<P, F, O, Fut>(
             .and_then(|l| l.current_record())
             .map(|r| r.name);
         let commands = decide::decide(&obs, &mut state, now);
+        // While no primary answers, look every FAST_LOOK: the moment the evidence is complete
+        // (the replicas' silence passing its bound) is seen within 0.2 s, not an interval.
+        if state
+            .decision
+            .as_ref()
+            .is_some_and(Decision::gathering_evidence)
+            && settings.interval > FAST_LOOK
+        {
+            ticker.reset_after(FAST_LOOK);
+        }
         publish(&shared, &obs, &state, &settings);
         if let Some(l) = &link {
             l.publish(member_view(&obs, &state, looks));
