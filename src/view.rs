@@ -414,10 +414,12 @@ impl View {
         self.backends.iter().find(|b| b.name == name)
     }
 
-    /// Whether this View and `other` route sessions the same way: when they do, publishing
-    /// `other` wakes no session.
+    /// Whether this View and `other` route sessions the same way and pace the checks alike:
+    /// when they do, publishing `other` wakes no session and no checker.
     pub fn routes_like(&self, other: &View) -> bool {
         self.primary == other.primary
+            // The checkers' pace (`checks_hurry`) follows at once too.
+            && self.checks_hurry() == other.checks_hurry()
             && self.readers == other.readers
             && self.fallback_to_primary == other.fallback_to_primary
             && self.routing.balance == other.routing.balance
