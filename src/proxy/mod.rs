@@ -2,6 +2,7 @@
 //! reads only the first packet, the byte copy between client and backend (`splice`), and the
 //! threads all of that runs on (`workers`).
 
+pub mod affinity;
 pub mod client;
 pub mod listener;
 pub mod splice;
