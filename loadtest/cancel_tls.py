@@ -292,7 +292,37 @@ def parse_args():
     ap.add_argument("--busy", action="store_true",
                     help="the other sessions run short queries during every cancel")
     ap.add_argument("--only", help="comma-separated pglb labels (off,on,source)")
+    ap.add_argument("--bench", type=int, metavar="SECONDS",
+                    help="instead: SELECT 1 throughput over TLS through the read port, rule off "
+                         "vs on (pgbench, 8 clients, 3 interleaved runs of SECONDS each)")
     return ap.parse_args()
+
+
+def bench(cluster, tmp, binary, seconds):
+    """What the affinity bookkeeping costs the splice: pgbench SELECT 1 over TLS, rule off vs
+    on, interleaved."""
+    backends = [(n.name, n.port) for n in cluster.nodes]
+    sql = os.path.join(tmp, "select1.sql")
+    with open(sql, "w") as f:
+        f.write("SELECT 1;\n")
+    pglbs = {label: Pglb(binary, tmp, f"pglb-bench-{label}", backends,
+                         {"balance": '"leastconn"', "tls_affinity": v}).start()
+             for label, v in (("off", "false"), ("on", "true"))}
+    env = dict(os.environ, PGPASSWORD=lt.APP_PW, PGSSLMODE="require", PGGSSENCMODE="disable")
+    tps = {label: [] for label in pglbs}
+    for _ in range(3):
+        for label, p in pglbs.items():
+            r = lt.run(["pgbench", "-n", "-f", sql, "-c", "8", "-j", "2", "-T", str(seconds),
+                        "-h", HOST, "-p", str(p.read_port), "-U", lt.APP_USER, lt.DB],
+                       f"pgbench {label}", env=env, timeout=seconds + 60)
+            tps[label].append(float(lt._num(r"tps = ([0-9.]+)", r.stdout)))
+    import statistics
+    print(f"SELECT 1 over TLS through the read port, 8 clients, {seconds:.0f} s x 3 interleaved")
+    for label, xs in tps.items():
+        print(f"  tls_affinity = {'true' if label == 'on' else 'false':<5}  median "
+              f"{statistics.median(xs):8.0f} tps   runs {', '.join(f'{x:.0f}' for x in xs)}")
+    for p in pglbs.values():
+        p.stop()
 
 
 def main():
@@ -305,6 +335,10 @@ def main():
     cluster = Cluster(tmp, run_as)
     cluster.start()
     backends = [(n.name, n.port) for n in cluster.nodes]
+    binary = os.environ["PGLB_BIN"]
+    if args.bench:
+        bench(cluster, tmp, binary, args.bench)
+        return
     variants = [
         ("off", {"balance": '"leastconn"', "tls_affinity": "false"}),
         ("on", {"balance": '"leastconn"', "tls_affinity": "true"}),
@@ -313,7 +347,6 @@ def main():
     if args.only:
         keep = set(args.only.split(","))
         variants = [v for v in variants if v[0] in keep]
-    binary = os.environ["PGLB_BIN"]
     print(f"psycopg {psycopg.__version__} (libpq {psycopg.pq.version()}), "
           f"asyncpg {asyncpg.__version__}; pool of {args.pool} from {HOST} over TLS, "
           f"{args.trials} cancels each{', others busy' if args.busy else ''}; "
