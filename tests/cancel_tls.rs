@@ -247,7 +247,10 @@ async fn wait_readers(lb: &Pglb) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_inside_tls_reaches_the_replica_of_the_request_in_flight() {
     let tc = TlsCluster::start(2, false);
-    let lb = tls_pglb(&tc).start();
+    let lb = tls_pglb(&tc)
+        .set("stats", "admin_token_env", "PGLB_CT_ADMIN_TOKEN")
+        .env("PGLB_CT_ADMIN_TOKEN", ADMIN_TOKEN)
+        .start();
     lb.wait_ready().await;
     wait_readers(&lb).await;
     let tls = Rustls::new(&tc.ca.cert);
@@ -275,7 +278,29 @@ async fn a_cancel_inside_tls_reaches_the_replica_of_the_request_in_flight() {
         }
     }
     assert_eq!(affinity_count(&lb, "inflight") - before, 8);
+
+    // A draining replica takes no new sessions, but the cancel of one it keeps still reaches it.
+    let (c, node) = &pool[0];
+    let (code, body) = http_request(
+        lb.stats,
+        "POST",
+        &format!("/api/backends/{node}/drain"),
+        Some(ADMIN_TOKEN),
+    );
+    assert_eq!(code, 200, "{body}");
+    lb.wait_stats(T, "the replica draining", |s| {
+        s.backend(node).state == "draining" && s.readers.len() == 1
+    })
+    .await;
+    let task = start_sleep(&tc.cluster, node, c.clone()).await;
+    c.cancel_token()
+        .cancel_query(tls.clone())
+        .await
+        .expect("send the cancel over TLS");
+    assert_cancelled(task, "a session on a draining replica").await;
 }
+
+const ADMIN_TOKEN: &str = "cancel-tls-admin-token-5b1e";
 
 /// With `tls_affinity = false` an encrypted connection is balanced like any new session: the
 /// old behaviour. One session on a replica; leastconn sends the cancel's connection to the other
@@ -366,6 +391,134 @@ async fn balance_source_keeps_an_address_on_one_replica_cancels_included() {
             .expect("send the cancel over TLS");
         assert_cancelled(task, &format!("session {i}")).await;
     }
+}
+
+/// Direct TLS (a ClientHello as the first packet, libpq 17+ with `sslnegotiation=direct`) is
+/// routed by the same rule. PostgreSQL 15 takes no direct TLS, so each replica is behind a
+/// relay that does what PostgreSQL 17's postmaster does (accepts TLS with ALPN "postgresql" and
+/// speaks to the server inside it); sessions and the cancel all come from 127.0.0.1 in direct
+/// TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_in_direct_tls_reaches_the_replica_of_the_request_in_flight() {
+    let cluster = PgCluster::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::tls::TestCa::new(dir.path(), "ca");
+    let (crt, key) = ca.issue("front", "localhost", "DNS:localhost");
+    let mut backends = vec![BackendSpec {
+        name: "pg-0".into(),
+        address: cluster.primary().addr().to_string(),
+        weight: Some(1),
+    }];
+    for r in cluster.replicas() {
+        backends.push(BackendSpec {
+            name: r.name().to_string(),
+            address: direct_tls_front(r.addr(), &crt, &key).await.to_string(),
+            weight: Some(1),
+        });
+    }
+    let lb = PglbBuilder::new(backends)
+        .set("read", "fallback_to_primary", false)
+        .start();
+    lb.wait_ready().await;
+    wait_readers(&lb).await;
+
+    let mut pool = Vec::new();
+    for _ in 0..2 {
+        let tls = direct_tls_client(lb.read, &ca.cert)
+            .await
+            .expect("direct TLS");
+        let cfg = client_config(lb.read, APP_USER, APP_PASSWORD);
+        let (c, conn) = cfg
+            .connect_raw(tls, tokio_postgres::NoTls)
+            .await
+            .expect("login inside direct TLS");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let c = Arc::new(c);
+        let node = node_of(&cluster, &c).await;
+        pool.push((c, node));
+    }
+    assert_ne!(pool[0].1, pool[1].1, "one session per replica");
+
+    let before = affinity_count(&lb, "inflight");
+    for (c, node) in &pool {
+        let task = start_sleep(&cluster, node, c.clone()).await;
+        // The cancel: a new direct-TLS connection, the CancelRequest inside it.
+        let tls = direct_tls_client(lb.read, &ca.cert)
+            .await
+            .expect("direct TLS");
+        c.cancel_token()
+            .cancel_query_raw(tls, tokio_postgres::NoTls)
+            .await
+            .expect("send the cancel inside direct TLS");
+        assert_cancelled(task, &format!("session on {node}")).await;
+    }
+    assert_eq!(affinity_count(&lb, "inflight") - before, 2);
+}
+
+/// A TCP connection to `addr` that starts TLS at once (ALPN "postgresql"), verifying against
+/// `ca` as "localhost".
+async fn direct_tls_client(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+) -> io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut config = (*Rustls::new(ca).0).clone();
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// What PostgreSQL 17's postmaster does with a first byte 0x16 and PostgreSQL 15 cannot: accept
+/// TLS (ALPN "postgresql", a certificate from the test CA), then speak to `server` inside it.
+/// Anything else is relayed as is (pglb's checks).
+async fn direct_tls_front(
+    server: SocketAddr,
+    crt: &std::path::Path,
+    key: &std::path::Path,
+) -> SocketAddr {
+    let chain: Vec<_> = CertificateDer::pem_file_iter(crt)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if client.peek(&mut first).await.is_err() {
+                    return;
+                }
+                let Ok(mut backend) = tokio::net::TcpStream::connect(server).await else {
+                    return;
+                };
+                if first[0] == 0x16 {
+                    if let Ok(mut tls) = acceptor.accept(client).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut backend).await;
+                    }
+                } else {
+                    let mut client = client;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                }
+            });
+        }
+    });
+    addr
 }
 
 /// Plaintext cancels reach every backend, as before: a CancelRequest as the first packet, and
