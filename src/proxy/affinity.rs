@@ -125,6 +125,9 @@ pub struct Pick {
 struct Entry {
     backend: Arc<Backend>,
     inflight: Inflight,
+    /// Where it is registered, for its removal.
+    table: Arc<Affinity>,
+    ip: IpAddr,
 }
 
 /// Encrypted read sessions by client address, shared by every worker thread.
@@ -163,6 +166,8 @@ impl Affinity {
         let entry = Arc::new(Entry {
             backend,
             inflight: Inflight::default(),
+            table: self.clone(),
+            ip,
         });
         self.shard(&ip)
             .lock()
@@ -170,11 +175,7 @@ impl Affinity {
             .entry(ip)
             .or_default()
             .push(entry.clone());
-        Registration {
-            affinity: self.clone(),
-            ip,
-            entry,
-        }
+        Registration(entry)
     }
 
     /// The backend of `ip`'s session a new encrypted connection from it may be a cancel for.
@@ -230,27 +231,25 @@ impl Affinity {
     }
 }
 
-/// An encrypted read session in the [`Affinity`] table; removed when dropped.
-pub struct Registration {
-    affinity: Arc<Affinity>,
-    ip: IpAddr,
-    entry: Arc<Entry>,
-}
+/// An encrypted read session in the [`Affinity`] table; removed when dropped. One pointer, so
+/// a session without one pays 8 bytes.
+pub struct Registration(Arc<Entry>);
 
 impl Registration {
     /// What the splice updates.
     pub fn inflight(&self) -> &Inflight {
-        &self.entry.inflight
+        &self.0.inflight
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut map = self.affinity.shard(&self.ip).lock().expect("affinity lock");
-        if let Some(v) = map.get_mut(&self.ip) {
-            v.retain(|e| !Arc::ptr_eq(e, &self.entry));
+        let e = &self.0;
+        let mut map = e.table.shard(&e.ip).lock().expect("affinity lock");
+        if let Some(v) = map.get_mut(&e.ip) {
+            v.retain(|x| !Arc::ptr_eq(x, e));
             if v.is_empty() {
-                map.remove(&self.ip);
+                map.remove(&e.ip);
             }
         }
     }
