@@ -1,6 +1,7 @@
-//! One client connection: read its first packet (the only one pglb reads), route it, connect a
-//! backend (trying the next candidate when one refuses), forward the first packet and splice.
-//! Write-port sessions end when their backend stops being the primary.
+//! One client connection: read its first packet (the only one pglb reads, but for the packet
+//! after a declined SSL/GSS request, which may be a cancel), route it, connect a backend (trying
+//! the next candidate when one refuses), forward the first packet and splice. Write-port sessions
+//! end when their backend stops being the primary.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
