@@ -454,7 +454,7 @@ async fn choose(
                     debug!(
                         rule = rule.as_str(),
                         follows = %p.backend.name,
-                        "encrypted connection from an address with a request in flight"
+                        "encrypted connection from an address with a busy session"
                     );
                 }
             }
