@@ -142,6 +142,7 @@ impl Balancer {
             waiters: Arc::new(SlotWaiters::default()),
             hard_stop: hard_stop.clone(),
             shutting_down: shutdown.clone(),
+            affinity: Default::default(),
         });
         let mut ports = Vec::new();
         for (group, role, addr) in [

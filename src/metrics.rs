@@ -34,6 +34,7 @@ pub const STORE_ERRORS_TOTAL: &str = "pglb_store_errors_total";
 pub const STORE_ANSWER_AGE_SECONDS: &str = "pglb_store_last_answer_age_seconds";
 pub const STORE_RULE: &str = "pglb_store_rule";
 pub const STORE_RECORDED_EPOCH: &str = "pglb_store_recorded_epoch";
+pub const TLS_AFFINITY_TOTAL: &str = "pglb_tls_affinity_total";
 
 const PORTS: [PortRole; 2] = [PortRole::Write, PortRole::Read];
 /// Every `reason` label of `pglb_sessions_cut_total`.
@@ -137,6 +138,10 @@ pub fn describe() {
         STORE_RECORDED_EPOCH,
         "epoch of the primary recorded in the store (each failover records the next)"
     );
+    describe_counter!(
+        TLS_AFFINITY_TOTAL,
+        "encrypted (TLS, GSS) read-port connections by how [read] tls_affinity routed them: rule=inflight or answering (to the backend of a busy session of the same client address: it may be a cancel), unavailable (that backend takes no connections), none (no busy session: balanced)"
+    );
 
     // Every family with labels from a closed set is present from the start, at 0, so that
     // dashboards and alerts see 0 rather than no data.
@@ -156,6 +161,10 @@ pub fn describe() {
             counter!(CLIENTS_REJECTED_TOTAL, "port" => port.as_str(), "reason" => reason)
                 .absolute(0);
         }
+    }
+    for rule in crate::proxy::affinity::Rule::ALL {
+        counter!(TLS_AFFINITY_TOTAL, "port" => PortRole::Read.as_str(), "rule" => rule.as_str())
+            .absolute(0);
     }
 }
 
@@ -233,6 +242,10 @@ pub fn check_result(backend: &str, result: &'static str, seconds: f64) {
 pub fn config_reload(result: &'static str) {
     counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
     gauge!(CONFIG_LAST_RELOAD_OK).set(if result == "rejected" { 0.0 } else { 1.0 });
+}
+
+pub fn tls_affinity(port: PortRole, rule: &'static str) {
+    counter!(TLS_AFFINITY_TOTAL, "port" => port.as_str(), "rule" => rule).increment(1);
 }
 
 pub fn session_queued(port: PortRole) {

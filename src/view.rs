@@ -7,6 +7,7 @@
 //! runtime parts sessions need (backend handles with their live counters, the config the View was
 //! decided under) are skipped by serde and present only in a published View.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -434,6 +435,12 @@ impl View {
                 .all(|(a, b)| a.name == b.name && a.address == b.address)
     }
 
+    /// A configured or draining backend by name, as a target (whatever its state).
+    pub fn target_by_name(&self, name: &str) -> Option<Target<'_>> {
+        let i = self.backends.iter().position(|b| b.name == name)?;
+        self.target(i)
+    }
+
     fn target(&self, i: usize) -> Option<Target<'_>> {
         Some(Target {
             handle: self.routing.handles.get(i)?,
@@ -441,8 +448,8 @@ impl View {
         })
     }
 
-    /// Backends to try for a new session on `port`, best first.
-    pub fn candidates(&self, port: PortRole, rr: &AtomicUsize) -> Vec<Target<'_>> {
+    /// Backends to try for a new session on `port` from `client`, best first.
+    pub fn candidates(&self, port: PortRole, rr: &AtomicUsize, client: IpAddr) -> Vec<Target<'_>> {
         let primary = self.routing.primary.and_then(|i| self.target(i));
         match port {
             PortRole::Write => primary.into_iter().collect(),
@@ -453,7 +460,7 @@ impl View {
                     .iter()
                     .filter_map(|&i| self.target(i))
                     .collect();
-                let mut out = order_readers(readers, self.routing.balance, rr);
+                let mut out = order_readers(readers, self.routing.balance, rr, client);
                 if self.fallback_to_primary {
                     out.extend(primary);
                 }
@@ -537,13 +544,26 @@ fn order_readers<'a>(
     mut readers: Vec<Target<'a>>,
     balance: Balance,
     rr: &AtomicUsize,
+    client: IpAddr,
 ) -> Vec<Target<'a>> {
     if readers.is_empty() {
         return readers;
     }
+    if balance == Balance::Source {
+        // Weighted rendezvous hashing: each reader scores the address, highest first. The
+        // order depends only on the address, the readers' names and weights: the same on every
+        // thread and every pglb, and when a reader leaves only its own clients move.
+        let mut keyed: Vec<_> = readers
+            .into_iter()
+            .map(|t| (source_score(client, &t.view.name, t.view.weight), t))
+            .collect();
+        keyed.sort_by(|(a, _), (b, _)| b.total_cmp(a));
+        return keyed.into_iter().map(|(_, t)| t).collect();
+    }
     let tick = rr.fetch_add(1, Ordering::Relaxed);
     let n = readers.len();
     match balance {
+        Balance::Source => unreachable!("ordered above"),
         Balance::Leastconn => {
             // Rotate first so that ties (the common case with short sessions) spread evenly.
             readers.rotate_left(tick % n);
@@ -578,6 +598,34 @@ fn order_readers<'a>(
     }
 }
 
+/// A reader's score for a client address under `balance = "source"`: `weight / -ln(u)` with `u`
+/// uniform in (0, 1) from a fixed hash of the address and the reader's name, so the reader with
+/// the highest score is chosen with probability proportional to its weight.
+fn source_score(client: IpAddr, name: &str, weight: u32) -> f64 {
+    // FNV-1a over the canonical address and the name, then a 64-bit finaliser (splitmix64):
+    // fixed, so the choice survives restarts and agrees between pglb instances.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    match client.to_canonical() {
+        IpAddr::V4(a) => eat(&a.octets()),
+        IpAddr::V6(a) => eat(&a.octets()),
+    }
+    eat(&[0xff]);
+    eat(name.as_bytes());
+    let mut z = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    // 53 random bits, never 0 nor 1.
+    let u = ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    f64::from(weight.max(1)) / -u.ln()
+}
+
 /// Unix time in seconds, for the JSON.
 pub fn unix(t: SystemTime) -> Option<f64> {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -588,6 +636,8 @@ pub fn unix(t: SystemTime) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     fn view(weights: &[u32]) -> View {
         let mut v = View::default();
@@ -611,7 +661,7 @@ mod tests {
         let rr = AtomicUsize::new(0);
         let mut counts = [0; 2];
         for _ in 0..400 {
-            let first = &v.candidates(PortRole::Read, &rr)[0];
+            let first = &v.candidates(PortRole::Read, &rr, LOCAL)[0];
             counts[if first.view.name == "b0" { 0 } else { 1 }] += 1;
         }
         assert_eq!(counts, [300, 100]);
@@ -625,19 +675,59 @@ mod tests {
         v.routing.handles[0].set_port_active(PortRole::Read, 2);
         v.routing.handles[1].set_port_active(PortRole::Read, 1);
         for _ in 0..4 {
-            assert_eq!(v.candidates(PortRole::Read, &rr)[0].view.name, "b0");
+            assert_eq!(v.candidates(PortRole::Read, &rr, LOCAL)[0].view.name, "b0");
         }
         v.routing.handles[0].set_port_active(PortRole::Read, 4);
-        assert_eq!(v.candidates(PortRole::Read, &rr)[0].view.name, "b1");
+        assert_eq!(v.candidates(PortRole::Read, &rr, LOCAL)[0].view.name, "b1");
     }
 
     #[test]
     fn leastconn_ties_alternate() {
         let v = view(&[1, 1]);
         let rr = AtomicUsize::new(0);
-        let a = v.candidates(PortRole::Read, &rr)[0].view.name.clone();
-        let b = v.candidates(PortRole::Read, &rr)[0].view.name.clone();
+        let a = v.candidates(PortRole::Read, &rr, LOCAL)[0]
+            .view
+            .name
+            .clone();
+        let b = v.candidates(PortRole::Read, &rr, LOCAL)[0]
+            .view
+            .name
+            .clone();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn source_is_stable_per_address_and_honours_weights() {
+        let mut v = view(&[3, 1, 1]);
+        v.routing.balance = Balance::Source;
+        let rr = AtomicUsize::new(0);
+        let first =
+            |v: &View, ip: IpAddr| v.candidates(PortRole::Read, &rr, ip)[0].view.name.clone();
+        let mut counts = std::collections::HashMap::<String, u32>::new();
+        let mut before = Vec::new();
+        for i in 0..5000u32 {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            let a = first(&v, ip);
+            // The same address, asked again (any thread, any tick): the same reader.
+            assert_eq!(first(&v, ip), a);
+            *counts.entry(a.clone()).or_default() += 1;
+            before.push((ip, a));
+        }
+        // Weight 3 of 5: about 3000; weight 1: about 1000 each.
+        assert!((2700..3300).contains(&counts["b0"]), "{counts:?}");
+        assert!((800..1200).contains(&counts["b1"]), "{counts:?}");
+        // b2 leaves the readers: only its clients move.
+        v.routing.readers = vec![0, 1];
+        for (ip, was) in &before {
+            let now = first(&v, *ip);
+            if was != "b2" {
+                assert_eq!(&now, was);
+            }
+        }
+        // The IPv4-mapped form of an address is the address.
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        assert_eq!(first(&v, ip), first(&v, mapped));
     }
 
     #[test]
@@ -649,13 +739,13 @@ mod tests {
         v.fallback_to_primary = true;
         let rr = AtomicUsize::new(0);
         let names: Vec<_> = v
-            .candidates(PortRole::Read, &rr)
+            .candidates(PortRole::Read, &rr, LOCAL)
             .iter()
             .map(|t| t.view.name.clone())
             .collect();
         assert_eq!(names, ["b1", "b0"]);
         let w: Vec<_> = v
-            .candidates(PortRole::Write, &rr)
+            .candidates(PortRole::Write, &rr, LOCAL)
             .iter()
             .map(|t| t.view.name.clone())
             .collect();

@@ -143,6 +143,10 @@ pub enum Balance {
     #[default]
     Leastconn,
     Roundrobin,
+    /// A hash of the client's address over the readers (weights respected): every connection
+    /// from one address reaches the same replica while the readers stay the same, cancels
+    /// included.
+    Source,
 }
 
 impl Balance {
@@ -150,6 +154,7 @@ impl Balance {
         match self {
             Balance::Leastconn => "leastconn",
             Balance::Roundrobin => "roundrobin",
+            Balance::Source => "source",
         }
     }
 }
@@ -165,6 +170,10 @@ pub struct FileRead {
     pub max_lag_time: Duration,
     #[serde(default = "yes")]
     pub fallback_to_primary: bool,
+    /// A new TLS (or GSS-encrypted) connection from an address with a read session waiting
+    /// for its answer goes to that session's backend: it may be a cancel (proxy::affinity).
+    #[serde(default = "yes")]
+    pub tls_affinity: bool,
 }
 
 impl Default for FileRead {
@@ -174,6 +183,7 @@ impl Default for FileRead {
             max_lag: default_max_lag(),
             max_lag_time: default_max_lag_time(),
             fallback_to_primary: true,
+            tls_affinity: true,
         }
     }
 }

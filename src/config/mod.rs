@@ -244,6 +244,9 @@ pub struct ReadConfig {
     #[serde(serialize_with = "human")]
     pub max_lag_time: Duration,
     pub fallback_to_primary: bool,
+    /// A new encrypted read connection from an address with a request in flight goes to that
+    /// request's backend (it may be its cancel). Default on.
+    pub tls_affinity: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -676,6 +679,7 @@ impl Validator<'_> {
                 max_lag: raw.read.max_lag,
                 max_lag_time: raw.read.max_lag_time,
                 fallback_to_primary: raw.read.fallback_to_primary,
+                tls_affinity: raw.read.tls_affinity,
             },
             proxy: ProxyConfig {
                 connect_timeout: raw.proxy.connect_timeout,

@@ -1,6 +1,7 @@
-//! One client connection: read its first packet (the only one pglb reads), route it, connect a
-//! backend (trying the next candidate when one refuses), forward the first packet and splice.
-//! Write-port sessions end when their backend stops being the primary.
+//! One client connection: read its first packet (the only one pglb reads, but for the packet
+//! after a declined SSL/GSS request, which may be a cancel), route it, connect a backend (trying
+//! the next candidate when one refuses), forward the first packet and splice. Write-port sessions
+//! end when their backend stops being the primary.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use super::affinity::{Affinity, Pick, Registration, Rule};
 use super::splice::{splice, Activity, SpliceError};
 use super::PortRole;
 use crate::backend::net::{connect_tcp, ConnectError, SocketTuning};
@@ -22,7 +24,7 @@ use crate::control::Control;
 use crate::metrics as m;
 use crate::pg::{self, sqlstate, FirstPacket, PacketError};
 use crate::tls::ServerTls;
-use crate::view::View;
+use crate::view::{Condition, Status, Target, View};
 
 /// Why reading the first packet failed.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,8 @@ pub struct SessionShared {
     pub hard_stop: CancellationToken,
     /// Cancelled on SIGTERM: sessions waiting for a backend get their FATAL at once.
     pub shutting_down: CancellationToken,
+    /// Encrypted read sessions by client address, for `[read] tls_affinity`.
+    pub affinity: Arc<Affinity>,
 }
 
 /// A client's whole life: the first exchange, then the session.
@@ -113,21 +117,29 @@ pub async fn handle(
     // The first exchange (reading the startup packet, connecting a backend, refusing) has the
     // biggest state a session passes through and the shortest-lived: it runs on the heap, so the
     // task that stays behind for the session's life is sized by the splice alone.
-    let started = Box::pin(start(client, port, ctx.clone()).instrument(span.clone())).await;
-    if let Some((client, backend, slot)) = started {
-        session(client, backend, slot, port, ctx)
-            .instrument(span)
-            .await;
+    let started = Box::pin(start(client, peer, port, ctx.clone()).instrument(span.clone())).await;
+    if let Some(s) = started {
+        session(s, port, ctx).instrument(span).await;
     }
+}
+
+/// A session past its first exchange: sockets, slot, and its entry in the TLS affinity table
+/// (encrypted read sessions only).
+struct Started {
+    client: TcpStream,
+    backend: TcpStream,
+    slot: SessionSlot,
+    affinity: Option<Registration>,
 }
 
 /// Reads the first packet, routes it and connects a backend that answered. `None` when the
 /// client was answered here (cancel forwarded, refused, gone).
 async fn start(
     mut client: TcpStream,
+    peer: SocketAddr,
     port: PortRole,
     ctx: SessionContext,
-) -> Option<(TcpStream, TcpStream, SessionSlot)> {
+) -> Option<Started> {
     let view = ctx.control.view();
     let cfg = view.config().clone();
     drop(view);
@@ -175,7 +187,26 @@ async fn start(
         );
     }
 
-    let (slot, backend_stream, answer) = match choose(&ctx, port, &cfg, &first).await {
+    // An encrypted read connection may be a cancel for a session of the same address, which
+    // pglb cannot read: it follows that session's request (proxy::affinity).
+    let encrypted = matches!(
+        parsed,
+        FirstPacket::SslRequest | FirstPacket::GssEncRequest | FirstPacket::DirectTls { .. }
+    );
+    let affinity_on = port == PortRole::Read && cfg.read.tls_affinity;
+    let follow = if affinity_on && encrypted {
+        Some(ctx.affinity.pick(peer.ip()))
+    } else {
+        None
+    };
+    let route = Route {
+        client: peer.ip(),
+        follow,
+    };
+
+    let (slot, mut backend_stream, mut answer) = match choose(&ctx, port, &cfg, &first, &route)
+        .await
+    {
         Choice::Connected(slot, stream, answer) => (slot, stream, answer),
         Choice::NoBackend => {
             let message = match port {
@@ -222,20 +253,86 @@ async fn start(
     if let Err(e) = tuning.apply(&backend_stream) {
         debug!(error = %e, "cannot tune backend socket");
     }
-    // The backend's first answer, read while connecting, goes out first.
-    if let Err(e) = client.write_all(&answer).await {
-        debug!(error = %e, "session ended by client error");
-        return None;
+    // The request the backend answered last (an SSL/GSS request it declined is followed by
+    // the client's next packet, read here too).
+    let mut asked = parsed.clone();
+    loop {
+        // The backend's answer, read while connecting, goes out first.
+        if let Err(e) = client.write_all(&answer).await {
+            debug!(error = %e, "session ended by client error");
+            return None;
+        }
+        backend
+            .counters(port)
+            .bytes_out
+            .fetch_add(answer.len() as u64, Ordering::Relaxed);
+        let declined = matches!(asked, FirstPacket::SslRequest | FirstPacket::GssEncRequest)
+            && answer.as_slice() == b"N";
+        if !declined {
+            break;
+        }
+        // Encryption declined: the client's next packet is plaintext, and may be a
+        // CancelRequest (libpq 17's cancel with sslmode=prefer against a server without SSL),
+        // which goes wherever a first-packet cancel goes.
+        let (next, next_parsed) = match read_first(&mut client, startup_timeout).await {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(reason = %e, "client gone after encryption was declined");
+                return None;
+            }
+        };
+        if let FirstPacket::CancelRequest { pid, key } = &next_parsed {
+            drop(backend_stream);
+            drop(slot);
+            forward_cancel(&ctx.control.view(), *pid, key, cfg.proxy.connect_timeout).await;
+            return None;
+        }
+        let exchange = async {
+            backend_stream.write_all(&next).await?;
+            backend
+                .counters(port)
+                .bytes_in
+                .fetch_add(next.len() as u64, Ordering::Relaxed);
+            match next_parsed {
+                // libpq asks for GSS, then SSL: the server answers that too.
+                FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
+                    read_answer(&backend_stream).await
+                }
+                _ => Ok(Vec::new()),
+            }
+        };
+        answer = match tokio::time::timeout(cfg.proxy.connect_timeout, exchange).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                warn!(error = %e, "session ended by backend error after encryption was declined");
+                return None;
+            }
+            Err(_) => {
+                warn!(timeout = ?cfg.proxy.connect_timeout, "backend did not answer the client's second encryption request");
+                return None;
+            }
+        };
+        asked = next_parsed;
     }
-    backend
-        .counters(port)
-        .bytes_out
-        .fetch_add(answer.len() as u64, Ordering::Relaxed);
+    // Encrypted read sessions are the ones a cancel inside TLS may be for.
+    let encrypted_session = match asked {
+        FirstPacket::DirectTls { .. } => true,
+        FirstPacket::SslRequest => answer.first() == Some(&b'S'),
+        FirstPacket::GssEncRequest => answer.first() == Some(&b'G'),
+        _ => false,
+    };
+    let affinity = (affinity_on && encrypted_session)
+        .then(|| ctx.affinity.register(peer.ip(), backend.clone()));
     debug!(first_packet = parsed.kind(), "session started");
     // Nothing of the first exchange is needed from here on: free it before the session idles
     // for hours (the startup packet and its parsed names are a few hundred bytes a session).
-    drop((answer, first, parsed, backend));
-    Some((client, backend_stream, slot))
+    drop((answer, first, parsed, asked, backend));
+    Some(Started {
+        client,
+        backend: backend_stream,
+        slot,
+        affinity,
+    })
 }
 
 /// No backend: answer like a PostgreSQL server would, so psql prints the reason. A client that
@@ -323,8 +420,15 @@ enum Choice {
 /// Picks and connects a backend: candidates in order, skipping any at its maxconn and any that
 /// refuses (which also counts as a failed check). When every candidate is full, waits for a
 /// session to end, up to `queue_timeout`.
-async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]) -> Choice {
+async fn choose(
+    ctx: &SessionContext,
+    port: PortRole,
+    cfg: &Config,
+    first: &[u8],
+    route: &Route,
+) -> Choice {
     let deadline = tokio::time::Instant::now() + cfg.proxy.queue_timeout;
+    let mut counted = false;
     let mut queued = false;
     // Registered as a waiter only once every candidate was found full; a session that ends
     // wakes waiters only when there are some, so the common path takes no shared lock.
@@ -340,7 +444,22 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]
         // A server closed a direct-TLS connection without a byte: before PostgreSQL 17 servers
         // do not accept direct TLS, and waiting for another answer would not change that.
         let mut no_direct_tls = false;
-        for t in view.candidates(port, &ctx.rr) {
+        let mut candidates = view.candidates(port, &ctx.rr, route.client);
+        if let Some(pick) = &route.follow {
+            let rule = follow(&view, &mut candidates, pick.as_ref());
+            if !counted {
+                counted = true;
+                m::tls_affinity(port, rule.as_str());
+                if let Some(p) = pick {
+                    debug!(
+                        rule = rule.as_str(),
+                        follows = %p.backend.name,
+                        "encrypted connection from an address with a busy session"
+                    );
+                }
+            }
+        }
+        for t in candidates {
             let Some(mut slot) = t.handle.try_reserve(port, t.view.maxconn, &ctx.waiters) else {
                 full.get_or_insert((t.view.name.clone(), t.view.maxconn));
                 continue;
@@ -444,6 +563,40 @@ async fn choose(ctx: &SessionContext, port: PortRole, cfg: &Config, first: &[u8]
     }
 }
 
+/// How a new session is routed beyond its port: the client's address (`balance = "source"`)
+/// and, for an encrypted read connection with `tls_affinity`, the session it may be a cancel
+/// for (`Some(None)`: the address has none busy).
+struct Route {
+    client: std::net::IpAddr,
+    follow: Option<Option<Pick>>,
+}
+
+/// Puts the followed session's backend first: a candidate, or a draining backend that is still
+/// up (a cancel must still reach the sessions it keeps). A backend that takes no connections
+/// (down, disabled, gone) leaves the balanced order.
+fn follow<'a>(view: &'a View, candidates: &mut Vec<Target<'a>>, pick: Option<&Pick>) -> Rule {
+    let Some(pick) = pick else {
+        return Rule::None;
+    };
+    let name = pick.backend.name.as_str();
+    if let Some(i) = candidates.iter().position(|t| t.view.name == name) {
+        let t = candidates.remove(i);
+        candidates.insert(0, t);
+        return pick.rule;
+    }
+    match view.target_by_name(name) {
+        Some(t)
+            if t.view.state == Status::Draining
+                && t.view.condition != Condition::Down
+                && view.keeps(PortRole::Read, name) =>
+        {
+            candidates.insert(0, t);
+            pick.rule
+        }
+        _ => Rule::Unavailable,
+    }
+}
+
 /// A session waiting for its port to have a backend: counted in `pglb_sessions_waiting` until
 /// dropped.
 struct BackendWait {
@@ -477,29 +630,35 @@ async fn open_backend(
         // the connection in its accept queue) closes or resets without a byte: a failed
         // connect, and the next candidate gets the packet, instead of the client seeing "server
         // closed the connection". The bytes are the ones the splice would read next anyway.
-        let mut answer = vec![0u8; FIRST_ANSWER_MAX];
-        loop {
-            s.readable().await?;
-            match s.try_read(&mut answer) {
-                Ok(0) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "backend closed the connection before answering",
-                    ))
-                }
-                Ok(n) => {
-                    answer.truncate(n);
-                    return Ok(answer);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
+        read_answer(&s).await
     };
     match tokio::time::timeout_at(started + timeout, exchange).await {
         Ok(Ok(answer)) => Ok((s, answer)),
         Ok(Err(e)) => Err(ConnectError::io(e)),
         Err(_) => Err(ConnectError::Timeout(timeout)),
+    }
+}
+
+/// Reads what the backend has sent (at least a byte, up to `FIRST_ANSWER_MAX`); EOF before a
+/// byte is an `UnexpectedEof` error.
+async fn read_answer(s: &TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut answer = vec![0u8; FIRST_ANSWER_MAX];
+    loop {
+        s.readable().await?;
+        match s.try_read(&mut answer) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "backend closed the connection before answering",
+                ))
+            }
+            Ok(n) => {
+                answer.truncate(n);
+                return Ok(answer);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -532,13 +691,13 @@ pub async fn refuse_over_limit(
     }
 }
 
-async fn session(
-    client: TcpStream,
-    backend_stream: TcpStream,
-    slot: SessionSlot,
-    port: PortRole,
-    ctx: SessionContext,
-) {
+async fn session(started: Started, port: PortRole, ctx: SessionContext) {
+    let Started {
+        client,
+        backend: backend_stream,
+        slot,
+        affinity,
+    } = started;
     let backend = slot.backend().clone();
     let counters = backend.counters(port);
 
@@ -575,7 +734,7 @@ async fn session(
         }
     };
     let result = tokio::select! {
-        r = splice(&client, &backend_stream, &counters.bytes_in, &counters.bytes_out, (!idle_timeout.is_zero()).then_some(&activity)) => r,
+        r = splice(&client, &backend_stream, &counters.bytes_in, &counters.bytes_out, (!idle_timeout.is_zero()).then_some(&activity), affinity.as_ref().map(Registration::inflight)) => r,
         quiet = idle_fired => {
             m::session_cut(port, "idle_timeout");
             info!(reason = "idle_timeout", quiet = ?quiet, "closing session: idle");
@@ -654,6 +813,13 @@ mod tests {
         std::mem::size_of::<Fut>()
     }
 
+    fn future_size3<F, A, B, C, Fut>(_: &F) -> usize
+    where
+        F: FnOnce(A, B, C) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
     /// An idle session's memory is mostly its task: keep the states that last (the splice) small
     /// and the ones that do not (connecting a backend) on the heap.
     #[test]
@@ -661,7 +827,7 @@ mod tests {
         let size = future_size(&handle);
         eprintln!(
             "handle future: {size} bytes, session: {}",
-            future_size(&session)
+            future_size3(&session)
         );
         assert!(size <= 1200, "the session task grew to {size} bytes");
     }

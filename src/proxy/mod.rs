@@ -1,7 +1,9 @@
 //! The data path: one accept loop per port (`listener`), one task per client (`client`) that
-//! reads only the first packet, the byte copy between client and backend (`splice`), and the
+//! reads only the first packet (and the next one after a declined SSL/GSS request), the byte copy
+//! between client and backend (`splice`), the TLS affinity table (`affinity`), and the
 //! threads all of that runs on (`workers`).
 
+pub mod affinity;
 pub mod client;
 pub mod listener;
 pub mod splice;

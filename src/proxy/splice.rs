@@ -20,6 +20,8 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::affinity::Inflight;
+
 const BUF_SIZE: usize = 32 * 1024;
 const POOL_MAX: usize = 64;
 /// Bytes one direction reads in one poll before it yields to the rest of the runtime, so a
@@ -152,8 +154,9 @@ impl Dir {
         from_side: Side,
         to: &TcpStream,
         counter: &AtomicU64,
-        activity: Option<&Activity>,
+        watch: Watch<'_>,
     ) -> Poll<Result<(), SpliceError>> {
+        let Watch { activity, inflight } = watch;
         use std::io::Read;
         if self.done {
             return Poll::Ready(Ok(()));
@@ -222,6 +225,9 @@ impl Dir {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(n) => {
+                    if moved == 0 {
+                        spoke(inflight, from_side);
+                    }
                     self.end = n as u16;
                     moved += n;
                 }
@@ -230,6 +236,9 @@ impl Dir {
                         // Nothing to read after all: wait for readiness without a buffer.
                         self.release();
                     } else {
+                        if moved == 0 {
+                            spoke(inflight, from_side);
+                        }
                         self.end = got as u16;
                         self.drained = true;
                         moved += got;
@@ -241,6 +250,25 @@ impl Dir {
                     return Poll::Ready(Err(err(from_side, e)));
                 }
             }
+        }
+    }
+}
+
+/// What a splice notes as bytes move, where asked to.
+#[derive(Clone, Copy)]
+struct Watch<'a> {
+    activity: Option<&'a Activity>,
+    inflight: Option<&'a Inflight>,
+}
+
+/// Notes which side sent bytes, once per poll of a direction (a request in flight is one the
+/// client sent after the server's last byte: proxy::affinity).
+#[inline]
+fn spoke(inflight: Option<&Inflight>, side: Side) {
+    if let Some(i) = inflight {
+        match side {
+            Side::Client => i.client_spoke(),
+            Side::Backend => i.server_spoke(),
         }
     }
 }
@@ -258,7 +286,7 @@ pub struct Splice<'a> {
     backend: &'a TcpStream,
     bytes_in: &'a AtomicU64,
     bytes_out: &'a AtomicU64,
-    activity: Option<&'a Activity>,
+    watch: Watch<'a>,
     c2b: Dir,
     b2c: Dir,
 }
@@ -269,24 +297,16 @@ impl Future for Splice<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let s = self.get_mut();
         // Each direction yields after MAX_PER_POLL bytes, so a fixed order starves neither.
-        if let Poll::Ready(r) = s.b2c.poll_move(
-            cx,
-            s.backend,
-            Side::Backend,
-            s.client,
-            s.bytes_out,
-            s.activity,
-        ) {
+        if let Poll::Ready(r) =
+            s.b2c
+                .poll_move(cx, s.backend, Side::Backend, s.client, s.bytes_out, s.watch)
+        {
             return Poll::Ready(r);
         }
-        if let Poll::Ready(Err(e)) = s.c2b.poll_move(
-            cx,
-            s.client,
-            Side::Client,
-            s.backend,
-            s.bytes_in,
-            s.activity,
-        ) {
+        if let Poll::Ready(Err(e)) =
+            s.c2b
+                .poll_move(cx, s.client, Side::Client, s.backend, s.bytes_in, s.watch)
+        {
             return Poll::Ready(Err(e));
         }
         // c2b may have reached EOF (done, passed on): the backend's answer still flows back.
@@ -296,19 +316,21 @@ impl Future for Splice<'_> {
 
 /// Splices a session until it is over: the backend finished (EOF or error), or the client
 /// failed. A client half-close is passed on and the backend's answer still flows back.
+/// `activity` (idle timeouts) and `inflight` (encrypted read sessions) are noted when given.
 pub fn splice<'a>(
     client: &'a TcpStream,
     backend: &'a TcpStream,
     bytes_in: &'a AtomicU64,
     bytes_out: &'a AtomicU64,
     activity: Option<&'a Activity>,
+    inflight: Option<&'a Inflight>,
 ) -> Splice<'a> {
     Splice {
         client,
         backend,
         bytes_in,
         bytes_out,
-        activity,
+        watch: Watch { activity, inflight },
         c2b: Dir::default(),
         b2c: Dir::default(),
     }
@@ -350,7 +372,9 @@ mod tests {
             client_app.read_to_end(&mut back).await.unwrap();
             back.len()
         });
-        splice(&client, &backend, &bin, &bout, None).await.unwrap();
+        splice(&client, &backend, &bin, &bout, None, None)
+            .await
+            .unwrap();
         assert_eq!(server.await.unwrap(), big.len());
         assert_eq!(cl.await.unwrap(), 1000);
         assert_eq!(bin.load(Ordering::Relaxed), big.len() as u64);
@@ -407,7 +431,7 @@ mod tests {
         let (a, b) = pair().await;
         let (x, y) = (AtomicU64::new(0), AtomicU64::new(0));
         let act = Activity::new();
-        let sp = splice(&a, &b, &x, &y, Some(&act));
+        let sp = splice(&a, &b, &x, &y, Some(&act), None);
         // 920 bytes as nested async fns (rustc 1.95); 72 as written. Every idle session holds one.
         assert!(
             std::mem::size_of_val(&sp) <= 128,
@@ -422,7 +446,7 @@ mod tests {
         let (backend, mut backend_app) = pair().await;
         let (bin, bout) = (AtomicU64::new(0), AtomicU64::new(0));
         let act = Activity::new();
-        let mut sp = splice(&client, &backend, &bin, &bout, Some(&act));
+        let mut sp = splice(&client, &backend, &bin, &bout, Some(&act), None);
         let apps = tokio::spawn(async move {
             client_app.write_all(b"ping").await.unwrap();
             let mut b = [0u8; 4];
@@ -482,7 +506,7 @@ mod tests {
             got
         });
         let (bin, bout) = (AtomicU64::new(0), AtomicU64::new(0));
-        let mut sp = splice(&client, &backend, &bin, &bout, None);
+        let mut sp = splice(&client, &backend, &bin, &bout, None, None);
         let mut last = (0u64, 0u64);
         let mut max_step = 0u64;
         let r = tokio::time::timeout(
@@ -548,7 +572,7 @@ mod tests {
             got
         });
         let (bin, bout) = (AtomicU64::new(0), AtomicU64::new(0));
-        let mut sp = splice(&client, &backend, &bin, &bout, None);
+        let mut sp = splice(&client, &backend, &bin, &bout, None, None);
         // Until both directions hold bytes their peer would not take.
         let until = std::time::Instant::now() + DEADLINE;
         let stuck = |d: &Dir| d.buf.is_some() && d.start < d.end;
@@ -616,7 +640,7 @@ mod tests {
             }
         });
         let (bin, bout) = (AtomicU64::new(0), AtomicU64::new(0));
-        let r = tokio::time::timeout(DEADLINE, splice(&client, &backend, &bin, &bout, None))
+        let r = tokio::time::timeout(DEADLINE, splice(&client, &backend, &bin, &bout, None, None))
             .await
             .expect("session did not end");
         let _survivor = apps.await.unwrap();
@@ -647,6 +671,8 @@ mod tests {
         drop(backend_app);
         let bin = AtomicU64::new(0);
         let bout = AtomicU64::new(0);
-        splice(&client, &backend, &bin, &bout, None).await.unwrap();
+        splice(&client, &backend, &bin, &bout, None, None)
+            .await
+            .unwrap();
     }
 }
