@@ -2,7 +2,8 @@
 //! real PostgreSQL (a primary, two replicas) and pglb: only the leader acts, a dead leader is
 //! replaced within the lease, one failure makes one promotion, a paused leader is outrun and
 //! its guarded record refused, no quorum means no promotion; and a promoter killed after any
-//! failover step, with or without a store, leaves a cluster that converges.
+//! failover step, with or without a store, leaves a cluster that converges without losing a
+//! commit acknowledged in synchronous mode.
 
 mod common;
 
@@ -531,20 +532,38 @@ async fn killed_between_the_record_and_the_promotion_the_record_follows_the_serv
 }
 
 /// The acting promoter aborts right after `step` of a failover (a kill -9 at that point). It
-/// is started again; with a store another promoter runs too. The cluster converges within 60 s.
+/// is started again; with a store another promoter runs too, and pglb follows the store's
+/// record. Replication is synchronous (`ANY 1`) and a client writes through pglb all along: the
+/// cluster converges within 60 s and every commit acknowledged to the client is on the new
+/// primary.
 async fn killed_after(step: &str, store: bool) {
     let etcd = store.then(EtcdCluster::start);
     let cluster = failover_cluster(2);
-    let lb = Pglb::start(&cluster).await;
+    let lb = match &etcd {
+        Some(e) => {
+            let endpoints: Vec<toml::Value> = e.endpoints().into_iter().map(Into::into).collect();
+            Pglb::builder(&cluster)
+                .set("store", "kind", "etcd")
+                .set("store", "endpoints", endpoints)
+                .set("store", "prefix", PREFIX)
+                .set("store", "lease_ttl", format!("{}s", TTL.as_secs()))
+                .start()
+        }
+        None => Pglb::builder(&cluster).start(),
+    };
+    lb.wait_ready().await;
     let builder = match &etcd {
         Some(e) => with_store(e, "a"),
         None => PromoterBuilder::new(),
     };
-    let mut a = builder.env("PGLB_PROMOTER_CRASH_AFTER", step).start(&lb);
+    let mut a = builder
+        .set("synchronous", true)
+        .env("PGLB_PROMOTER_CRASH_AFTER", step)
+        .start(&lb);
     let b = match &etcd {
         Some(e) => {
             wait_leading(&a, "a").await;
-            let b = with_store(e, "b").start(&lb);
+            let b = with_store(e, "b").set("synchronous", true).start(&lb);
             wait_following(&b, "a", "pg-0").await;
             Some(b)
         }
@@ -553,6 +572,15 @@ async fn killed_after(step: &str, store: bool) {
             None
         }
     };
+    wait_until(T, "both standbys in the synchronous quorum", || {
+        cluster
+            .node(0)
+            .exec("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'quorum'")
+            == "2"
+    })
+    .await;
+    let writer = Writer::start(lb.write, "acked").await;
+    writer.wait_count(100, T).await;
 
     kill9(cluster.node(0));
     wait_until(T, &format!("the promoter to abort after {step}"), || {
@@ -569,6 +597,21 @@ async fn killed_after(step: &str, store: bool) {
         died.elapsed()
     );
     let name = cluster.node(promoted).name().to_string();
+    // The writer goes on through pglb on the new primary; nothing it was told is committed is
+    // missing there.
+    writer.wait_count(writer.count() + 50, T).await;
+    let acks = writer.stop().await;
+    let after = acks.iter().filter(|a| a.at > died).count();
+    let missing = missing_rows(cluster.node(promoted), "acked", &acks);
+    assert!(
+        missing.is_empty(),
+        "acknowledged commits missing on {name}: {missing:?} ({} acknowledged)",
+        acks.len()
+    );
+    eprintln!(
+        "{} commits acknowledged ({after} after the promoter died), none lost",
+        acks.len()
+    );
     a.wait_steady(&name, T).await;
     if let Some(b) = &b {
         b.wait_steady(&name, T).await;
