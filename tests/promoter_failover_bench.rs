@@ -21,7 +21,8 @@
 //!
 //! Environment: FAILOVER_TRIALS (default 20), FAILOVER_FAULTS (default "kill,stop"),
 //! FAILOVER_MODES (default "async,sync"), FAILOVER_STORES (default "none"; "none,etcd" for
-//! both), FAILOVER_OUT (JSON file for the results; default none).
+//! both), FAILOVER_OUT (JSON file for the results; default none), FAILOVER_LOGS (set: print
+//! the promoters' last log lines after each promotion).
 
 mod common;
 
@@ -244,6 +245,17 @@ async fn trial(fault: Fault, sync: bool, store: Store) -> Trial {
     let first_conn = conn_writer.wait_first_elsewhere(at, p0.port(), T).await;
     let (acting, s) = wait_promoted(&promoters, T).await;
     let promoter = &promoters[acting];
+    if std::env::var_os("FAILOVER_LOGS").is_some() {
+        // What each promoter said from the fault on (decisions, failover steps, store).
+        for p in &promoters {
+            let log = p.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            println!("--- promoter log (last lines)");
+            for line in &lines[lines.len().saturating_sub(60)..] {
+                println!("    {line}");
+            }
+        }
+    }
     let promoted = s["last_failover"]["to"].as_str().unwrap_or("?").to_string();
     let new = cluster
         .nodes()
