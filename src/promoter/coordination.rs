@@ -663,6 +663,7 @@ pub async fn on_reload(
             l.resign(Duration::from_secs(2)).await;
         }
         shared.update(|st| st.store = None);
+        metrics::leader(false);
         let mut failed = 0u64;
         let new = loop {
             let cfg = settings.borrow_and_update().clone();
