@@ -128,14 +128,13 @@ impl Balancer {
         let (control, control_task) =
             Control::start(config.clone(), shutdown.clone(), background.clone());
         supervisor.spawn("control", control_task);
-        if config.store.kind != crate::config::StoreKind::None {
-            let follow = crate::follow::run(
-                config.store.clone(),
-                control.events().clone(),
-                shutdown.clone(),
-            );
-            supervisor.spawn("store follower", follow);
-        }
+        // The store follower runs for the `[store]` in effect (none: it waits), restarted by a
+        // reload that changes it.
+        let (store_settings, store_rx) = tokio::sync::watch::channel(config.store.clone());
+        supervisor.spawn(
+            "store follower",
+            crate::follow::run_config(store_rx, control.events().clone(), shutdown.clone()),
+        );
         let ctx: SessionContext = Arc::new(SessionShared {
             control: control.clone(),
             rr: AtomicUsize::new(0),
@@ -192,6 +191,7 @@ impl Balancer {
                     sessions: sessions.clone(),
                     accepting: accepting.clone(),
                     workers: workers.clone(),
+                    store_settings,
                 },
             ),
         );
@@ -304,7 +304,8 @@ async fn drain(
 }
 
 /// What a reload changes in pglb: listeners whose address changed are rebound (a failed bind keeps
-/// the old address, and says so), then the control task takes the config.
+/// the old address, and says so), then the control task takes the config, then a changed
+/// `[store]` restarts the store follower.
 struct BalancerReload {
     control: Control,
     ports: Vec<PortListener>,
@@ -312,6 +313,8 @@ struct BalancerReload {
     sessions: TaskTracker,
     accepting: CancellationToken,
     workers: Arc<Workers>,
+    /// The `[store]` the follower runs with.
+    store_settings: tokio::sync::watch::Sender<crate::config::StoreConfig>,
 }
 
 impl reload::Target for BalancerReload {
@@ -362,6 +365,14 @@ impl reload::Target for BalancerReload {
             return reload::Applied::Stopped;
         };
         let view = self.control.view();
+        // After the control task took it: the new follower's reports match its settings.
+        self.store_settings.send_if_modified(|s| {
+            let changed = *s != view.config().store;
+            if changed {
+                *s = view.config().store.clone();
+            }
+            changed
+        });
         info!(
             added = ?diff.added,
             removed = ?diff.removed,

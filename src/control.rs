@@ -17,8 +17,7 @@ use tracing::{debug, error, info, warn};
 use crate::backend::health::Transition as Health;
 use crate::backend::probe::{ProbeError, ProbeReport};
 use crate::backend::{self, Backend};
-use crate::config::Config;
-use crate::config::StoreKind;
+use crate::config::{Config, StoreConfig, StoreKind};
 use crate::routing::{route, BackendState, Memory, Transition};
 use crate::store::PrimaryState;
 use crate::view::{AdminState, ReloadStatus, StoreRule, View};
@@ -50,8 +49,13 @@ pub enum Event {
     /// The outcome of the last reload attempt, shown in the View.
     Reloaded(ReloadStatus),
     /// What the store says of the primary now (`[store]` only): the record, whether the store
-    /// answers, its failed reads.
-    Store(PrimaryState),
+    /// answers, its failed reads; `settings` are the `[store]` the follower that says it runs
+    /// with (a report of settings no longer in effect, sent before a reload took effect, is
+    /// dropped).
+    Store {
+        settings: Arc<StoreConfig>,
+        state: PrimaryState,
+    },
 }
 
 /// The sending side of the control task's queue.
@@ -311,9 +315,11 @@ impl Owner {
                 let _ = reply.send(diff);
             }
             Event::Reloaded(status) => self.reload = status,
-            Event::Store(state) => {
+            Event::Store { settings, state } => {
                 if let Some(s) = &mut self.store {
-                    *s = state;
+                    if *settings == self.config.store {
+                        *s = state;
+                    }
                 }
             }
         }
@@ -323,12 +329,24 @@ impl Owner {
     /// take their new address and weight, settings apply to the next decision. Backend state
     /// (health, admin state, counters) carries over by name. Order matters: checkers for new
     /// backends, one publish of the View, then checkers of removed backends stop.
-    fn apply(&mut self, mut config: Config) -> ConfigDiff {
-        // The store follower was started with the first config: a changed `[store]` needs a
-        // restart, and until then the View describes the store actually followed.
+    fn apply(&mut self, config: Config) -> ConfigDiff {
+        // A changed `[store]`: the follower is started anew with it (follow::run_config).
+        // Another store or prefix may record another primary: nothing is known of it until the
+        // new follower reports, so no writes until then, as at start. Only the lease or the
+        // credentials changed: the record read so far stays until the next report.
         if self.generation > 0 && config.store != self.config.store {
-            warn!("[store] changes need a restart of pglb; keeping the running store settings");
-            config.store = self.config.store.clone();
+            let (old, new) = (&self.config.store, &config.store);
+            self.store = match new.kind {
+                StoreKind::None => None,
+                _ if old.kind != new.kind
+                    || old.endpoints != new.endpoints
+                    || old.prefix != new.prefix =>
+                {
+                    Some(PrimaryState::default())
+                }
+                _ => self.store.take().or_else(|| Some(PrimaryState::default())),
+            };
+            info!(kind = ?new.kind, endpoints = %new.endpoints.iter().map(|e| crate::routing::without_credentials(e)).collect::<Vec<_>>().join(","), prefix = %new.prefix, "[store] changed: following the store with the new settings");
         }
         let mut diff = ConfigDiff::default();
         let now = Instant::now();
@@ -518,7 +536,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_store_event_reaches_the_view_and_a_changed_store_section_waits_for_a_restart() {
+    async fn the_store_event_reaches_the_view_and_a_changed_store_section_starts_afresh() {
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         let cfg = with_store();
@@ -528,17 +546,21 @@ mod tests {
         let st = control.view().store.clone().expect("a store section");
         assert_eq!(st.rule, StoreRule::Unreachable);
 
-        control.events().send(Event::Store(PrimaryState {
-            record: Some(PrimaryRecord {
-                name: "a".into(),
-                timeline: 1,
-                epoch: 1,
-            }),
-            revision: 5,
-            reachable: true,
-            last_contact: Some(tokio::time::Instant::now()),
-            ..Default::default()
-        }));
+        let record = |settings: &StoreConfig, name: &str| Event::Store {
+            settings: Arc::new(settings.clone()),
+            state: PrimaryState {
+                record: Some(PrimaryRecord {
+                    name: name.into(),
+                    timeline: 1,
+                    epoch: 1,
+                }),
+                revision: 5,
+                reachable: true,
+                last_contact: Some(tokio::time::Instant::now()),
+                ..Default::default()
+            },
+        };
+        control.events().send(record(&cfg.store, "a"));
         view_until(&control, "the record in the View", |v| {
             v.store
                 .as_ref()
@@ -546,17 +568,41 @@ mod tests {
         })
         .await;
 
+        // Another prefix: what the old one recorded is forgotten, no writes until the new
+        // follower reports; a late report of the old follower changes nothing.
         let mut changed = cfg.clone();
         changed.store.prefix = "/pglb/other".into();
         changed.read.max_lag = 1;
-        control.apply(changed).await.expect("control task runs");
+        control
+            .apply(changed.clone())
+            .await
+            .expect("control task runs");
+        control.events().send(record(&cfg.store, "a"));
+        // One more round trip through the queue: the late report has been handled.
+        control
+            .apply(changed.clone())
+            .await
+            .expect("control task runs");
         let v = control.view();
         assert_eq!(v.config().read.max_lag, 1, "the rest of the reload applies");
-        assert_eq!(v.config().store.prefix, "/pglb/main");
-        assert_eq!(
-            v.store.as_ref().map(|s| s.prefix.as_str()),
-            Some("/pglb/main")
-        );
+        assert_eq!(v.config().store.prefix, "/pglb/other");
+        let st = v.store.clone().expect("a store section");
+        assert_eq!(st.prefix, "/pglb/other");
+        assert_eq!(st.rule, StoreRule::Unreachable);
+        assert!(st.recorded.is_none());
+        control.events().send(record(&changed.store, "b"));
+        view_until(&control, "the new store's record in the View", |v| {
+            v.store.as_ref().is_some_and(|s| {
+                s.rule == StoreRule::Record && s.recorded.as_ref().is_some_and(|r| r.name == "b")
+            })
+        })
+        .await;
+
+        // No store any more: no store section, pglb's own rule.
+        let mut none = changed.clone();
+        none.store = StoreConfig::default();
+        control.apply(none).await.expect("control task runs");
+        assert!(control.view().store.is_none());
 
         token.cancel();
         task.await.expect("control task ends");

@@ -3,14 +3,17 @@
 //! the control task what the store says (`Event::Store`) whenever the record, the store's
 //! reachability or its failed reads change, and once a second besides, so that the age of the
 //! last answer stays true. It decides nothing: how writes follow the record is `routing`'s
-//! business, and the control task stays the one owner of the state.
+//! business, and the control task stays the one owner of the state. `run_config` runs it for
+//! the `[store]` in effect and starts it anew when a reload changes that section.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::StoreConfig;
+use crate::config::{StoreConfig, StoreKind};
 use crate::control::{Event, Events};
 use crate::routing::without_credentials;
 use crate::store::{EtcdStore, PrimaryState, Store, StoreFailure};
@@ -19,9 +22,49 @@ use crate::store::{EtcdStore, PrimaryState, Store, StoreFailure};
 /// it waits between two attempts to set up the etcd client.
 const EVERY: Duration = Duration::from_secs(1);
 
+/// Follows the store of the `[store]` in `settings` until `token` is cancelled: none with
+/// `kind = "none"`; a changed section stops the follower of the old one (its client, its watch)
+/// and starts one with the new settings. The control task drops a report made under settings
+/// it no longer has, so nothing of the old store reaches routing after the reload.
+pub async fn run_config(
+    mut settings: watch::Receiver<StoreConfig>,
+    events: Events,
+    token: CancellationToken,
+) {
+    loop {
+        let cfg = settings.borrow_and_update().clone();
+        let follower = token.child_token();
+        let following = async {
+            if cfg.kind == StoreKind::None {
+                follower.cancelled().await;
+            } else {
+                run(cfg, events.clone(), follower.clone()).await;
+            }
+        };
+        tokio::pin!(following);
+        let changed = tokio::select! {
+            // `run` ends only when cancelled: pglb is shutting down.
+            _ = &mut following => return,
+            changed = settings.changed() => changed.is_ok(),
+        };
+        if !changed {
+            // No more reloads: these settings to the end.
+            following.await;
+            return;
+        }
+        follower.cancel();
+        info!("store settings changed: following the store anew");
+    }
+}
+
 /// Follows the store until `token` is cancelled.
 pub async fn run(cfg: StoreConfig, events: Events, token: CancellationToken) {
     crate::metrics::store_zeros();
+    let settings = Arc::new(cfg.clone());
+    let report = |state: PrimaryState| Event::Store {
+        settings: settings.clone(),
+        state,
+    };
     let mut connect = Failures::default();
     let store = loop {
         match EtcdStore::connect(&cfg).await {
@@ -36,7 +79,7 @@ pub async fn run(cfg: StoreConfig, events: Events, token: CancellationToken) {
                 crate::metrics::store_errors(failure.kind, 1);
                 connect.count += 1;
                 connect.last = Some(failure);
-                events.send(Event::Store(connect.apply(PrimaryState::default())));
+                events.send(report(connect.apply(PrimaryState::default())));
                 tokio::select! {
                     _ = token.cancelled() => return,
                     _ = tokio::time::sleep(EVERY) => {}
@@ -71,7 +114,7 @@ pub async fn run(cfg: StoreConfig, events: Events, token: CancellationToken) {
             }
             counted = state.errors;
         }
-        events.send(Event::Store(connect.apply(state)));
+        events.send(report(connect.apply(state)));
     }
 }
 

@@ -13,9 +13,16 @@
 //! primary, and the most backends pglb ever called primary at once (the old primary is restarted or thawed after the failover, so
 //! its fencing is part of the trial).
 //!
+//! With a store (`etcd`), a trial starts a 3-member etcd on loopback, pglb follows the record
+//! there and TWO promoters (`a`, `b`, default `lease_ttl`) coordinate through it; the trial
+//! begins once one leads and the other follows, and also reports which one promoted and how
+//! many promotions they made together (asserted: exactly one). The summary prints the RTO
+//! difference with and without the store where both ran (trials alternate between them).
+//!
 //! Environment: FAILOVER_TRIALS (default 20), FAILOVER_FAULTS (default "kill,stop"),
-//! FAILOVER_MODES (default "async,sync"), FAILOVER_OUT (JSON file for the results; default
-//! none).
+//! FAILOVER_MODES (default "async,sync"), FAILOVER_STORES (default "none"; "none,etcd" for
+//! both), FAILOVER_OUT (JSON file for the results; default none), FAILOVER_LOGS (set: print
+//! the promoters' last log lines after each promotion).
 
 mod common;
 
@@ -23,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::etcd::EtcdCluster;
 use common::promoter::*;
 use common::*;
 use serde_json::json;
@@ -56,6 +64,13 @@ impl Fault {
 
 struct Trial {
     fault: Fault,
+    store: Store,
+    /// The promoter that promoted (`a` or `b`; `-` without a store).
+    acted: String,
+    /// Promotions made by all the promoters together, and replicas out of recovery at the
+    /// end: exactly one each.
+    promotions: u64,
+    left_recovery: usize,
     mode: &'static str,
     /// Fault to the first write of the session client acknowledged by another server.
     first_write: Duration,
@@ -82,22 +97,111 @@ struct Trial {
     max_primaries: usize,
 }
 
-async fn trial(fault: Fault, sync: bool) -> Trial {
+/// Where the promoters coordinate: nowhere (one promoter), or a 3-member etcd (two
+/// promoters, `a` and `b`, and pglb following the store's record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    None,
+    Etcd,
+}
+
+impl Store {
+    fn as_str(self) -> &'static str {
+        match self {
+            Store::None => "none",
+            Store::Etcd => "etcd",
+        }
+    }
+}
+
+/// The store's key prefix in the trials.
+const PREFIX: &str = "/pglb/bench";
+/// `[store] lease_ttl`: its default.
+const LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// Polls every promoter's `/status` until one of them reports a promotion; returns its index
+/// and status.
+async fn wait_promoted(promoters: &[Promoter], timeout: Duration) -> (usize, serde_json::Value) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        for (i, p) in promoters.iter().enumerate() {
+            if let Ok(s) = p.status() {
+                if s["last_failover"]["outcome"] == "promoted" {
+                    return (i, s);
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no promoter reported a promotion within {timeout:?}; logs:\n{}",
+            promoters
+                .iter()
+                .map(|p| {
+                    let log = p.log_text();
+                    let lines: Vec<&str> = log.lines().collect();
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                })
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn trial(fault: Fault, sync: bool, store: Store) -> Trial {
+    let etcd = (store == Store::Etcd).then(EtcdCluster::start);
     let cluster = failover_cluster(2);
-    let lb = Pglb::builder(&cluster)
+    let mut builder = Pglb::builder(&cluster)
         .unset("check", "interval")
         .unset("check", "timeout")
         .unset("check", "rise")
         .unset("check", "fall")
-        .unset("proxy", "connect_timeout")
-        .start();
+        .unset("proxy", "connect_timeout");
+    if let Some(e) = &etcd {
+        let endpoints: Vec<toml::Value> = e.endpoints().into_iter().map(Into::into).collect();
+        builder = builder
+            .set("store", "kind", "etcd")
+            .set("store", "endpoints", endpoints)
+            .set("store", "prefix", PREFIX);
+    }
+    let lb = builder.start();
     lb.wait_ready().await;
-    let promoter = PromoterBuilder::new()
-        .unset("failover_after")
-        .unset("interval")
-        .set("synchronous", sync)
-        .start(&lb);
-    promoter.wait_steady("pg-0", T).await;
+    let promoter = |id: &str| {
+        let b = PromoterBuilder::new()
+            .unset("failover_after")
+            .unset("interval")
+            .set("synchronous", sync);
+        match &etcd {
+            Some(e) => b.id(id).store(&e.endpoints(), PREFIX, LEASE_TTL),
+            None => b,
+        }
+    };
+    let promoters = match &etcd {
+        None => {
+            let p = promoter("a").start(&lb);
+            p.wait_steady("pg-0", T).await;
+            vec![p]
+        }
+        Some(_) => {
+            // One leads (and records pg-0), the other follows it, both steady on pg-0.
+            let a = promoter("a").start(&lb);
+            a.wait_status(T, "a to lead, pg-0 recorded", |s| {
+                s["store"]["is_leader"] == true
+                    && s["store"]["record"]["name"] == "pg-0"
+                    && s["decision"] == "steady"
+            })
+            .await;
+            let b = promoter("b").start(&lb);
+            b.wait_status(T, "b following a, steady on pg-0", |s| {
+                s["store"]["is_leader"] == false
+                    && s["store"]["leader"] == "a"
+                    && s["decision"] == "steady"
+                    && s["primary"] == "pg-0"
+            })
+            .await;
+            vec![a, b]
+        }
+    };
     let p0 = cluster.node(0);
     if sync {
         wait_until(T, "both standbys in the quorum", || {
@@ -139,11 +243,19 @@ async fn trial(fault: Fault, sync: bool) -> Trial {
     }
     let first = writer.wait_first_elsewhere(at, p0.port(), T).await;
     let first_conn = conn_writer.wait_first_elsewhere(at, p0.port(), T).await;
-    let s = promoter
-        .wait_status(T, "a promotion", |s| {
-            s["last_failover"]["outcome"] == "promoted"
-        })
-        .await;
+    let (acting, s) = wait_promoted(&promoters, T).await;
+    let promoter = &promoters[acting];
+    if std::env::var_os("FAILOVER_LOGS").is_some() {
+        // What each promoter said from the fault on (decisions, failover steps, store).
+        for p in &promoters {
+            let log = p.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            println!("--- promoter log (last lines)");
+            for line in &lines[lines.len().saturating_sub(60)..] {
+                println!("    {line}");
+            }
+        }
+    }
     let promoted = s["last_failover"]["to"].as_str().unwrap_or("?").to_string();
     let new = cluster
         .nodes()
@@ -163,6 +275,17 @@ async fn trial(fault: Fault, sync: bool) -> Trial {
         })
         .await;
     writer.wait_count(writer.count() + 50, T).await;
+    // Settled: every promoter steady on the new primary; count the promotions they made and
+    // the replicas that left recovery (exactly one of each).
+    let mut promotions = 0;
+    for p in &promoters {
+        let s = p.wait_steady(&promoted, T).await;
+        promotions += s["failovers"].as_u64().unwrap_or(0);
+    }
+    let left_recovery = cluster.nodes()[1..]
+        .iter()
+        .filter(|n| !n.in_recovery())
+        .count();
     stop.store(true, Ordering::Relaxed);
     let _ = monitor.join();
     let conn_attempts = conn_writer.attempts() - attempts_before;
@@ -186,6 +309,13 @@ async fn trial(fault: Fault, sync: bool) -> Trial {
     missing.extend(conn_missing);
     Trial {
         fault,
+        store,
+        acted: match store {
+            Store::None => "-".into(),
+            Store::Etcd => s["id"].as_str().unwrap_or("?").to_string(),
+        },
+        promotions,
+        left_recovery,
         mode: if sync { "sync" } else { "async" },
         first_write: first.at - at,
         first_write_conn: first_conn.at - at,
@@ -270,11 +400,20 @@ async fn failover_trials() {
             other => panic!("FAILOVER_MODES: unknown mode {other:?} (async, sync)"),
         })
         .collect();
+    let stores: Vec<Store> = list("FAILOVER_STORES", "none")
+        .iter()
+        .map(|m| match m.as_str() {
+            "none" => Store::None,
+            "etcd" => Store::Etcd,
+            other => panic!("FAILOVER_STORES: unknown store {other:?} (none, etcd)"),
+        })
+        .collect();
     let mut all = Vec::new();
     println!(
-        "{:<5} {:<6} {:>5} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9} {:>8} {:>7} {:>5} {:>11} {:>8} {:>9}",
+        "{:<5} {:<6} {:<5} {:>5} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9} {:>8} {:>7} {:>5} {:>11} {:>8} {:>9} {:>5} {:>6}",
         "fault",
         "mode",
+        "store",
         "trial",
         "rto_s",
         "rto_new_s",
@@ -287,16 +426,22 @@ async fn failover_trials() {
         "lost",
         "after_fault",
         "promoted",
-        "primaries"
+        "primaries",
+        "acted",
+        "promos"
     );
+    // The stores alternate trial by trial, so that a slower spell of a shared machine weighs
+    // on both alike.
     for &fault in &faults {
         for &sync in &modes {
             for i in 1..=trials {
-                let t = trial(fault, sync).await;
-                println!(
-                    "{:<5} {:<6} {:>5} {:>7.3} {:>8.3} {:>8.3} {:>9.3} {:>8} {:>9} {:>8} {:>7} {:>5} {:>11} {:>8} {:>9}",
+                for &store in &stores {
+                    let t = trial(fault, sync, store).await;
+                    println!(
+                    "{:<5} {:<6} {:<5} {:>5} {:>7.3} {:>8.3} {:>8.3} {:>9.3} {:>8} {:>9} {:>8} {:>7} {:>5} {:>11} {:>8} {:>9} {:>5} {:>6}",
                     t.fault.as_str(),
                     t.mode,
+                    t.store.as_str(),
                     i,
                     t.first_write.as_secs_f64(),
                     t.first_write_conn.as_secs_f64(),
@@ -309,12 +454,15 @@ async fn failover_trials() {
                     t.lost,
                     t.lost_after_fault,
                     t.promoted,
-                    t.max_primaries
+                    t.max_primaries,
+                    t.acted,
+                    t.promotions
                 );
-                for e in &t.conn_errors {
-                    println!("      connection attempt started at {e}");
+                    for e in &t.conn_errors {
+                        println!("      connection attempt started at {e}");
+                    }
+                    all.push(t);
                 }
-                all.push(t);
             }
         }
     }
@@ -327,9 +475,10 @@ async fn failover_trials() {
         FAILOVER_AFTER + 2.0
     );
     println!(
-        "{:<5} {:<6} {:>6} {:>7} {:>7} {:>7} {:>11} {:>11} {:>9} {:>13} {:>9} {:>10} {:>9}",
+        "{:<5} {:<6} {:<5} {:>6} {:>7} {:>7} {:>7} {:>11} {:>11} {:>9} {:>13} {:>9} {:>10} {:>9}",
         "fault",
         "mode",
+        "store",
         "trials",
         "p50_s",
         "p99_s",
@@ -342,31 +491,35 @@ async fn failover_trials() {
         "rows_lost",
         "primaries"
     );
+    // RTO p50 and p99 per fault, mode and store, for the comparison below.
+    let mut rto: Vec<(Fault, &str, Store, f64, f64)> = Vec::new();
     for fault in [Fault::Kill, Fault::Stop] {
         for mode in ["async", "sync"] {
-            let ts: Vec<&Trial> = all
-                .iter()
-                .filter(|t| t.fault == fault && t.mode == mode)
-                .collect();
-            if ts.is_empty() {
-                continue;
-            }
-            let sorted = |f: fn(&Trial) -> Duration| {
-                let mut v: Vec<f64> = ts.iter().map(|t| f(t).as_secs_f64()).collect();
-                v.sort_by(f64::total_cmp);
-                v
-            };
-            let secs = sorted(|t| t.first_write);
-            let secs_conn = sorted(|t| t.first_write_conn);
-            let failed: usize = ts.iter().map(|t| t.conn_failed).sum();
-            let in_flight: usize = ts.iter().map(|t| t.write_failed + t.conn_cut).sum();
-            let lost: usize = ts.iter().map(|t| t.lost).sum();
-            let acked: usize = ts.iter().map(|t| t.acked).sum();
-            let primaries = ts.iter().map(|t| t.max_primaries).max().unwrap_or(0);
-            println!(
-                "{:<5} {:<6} {:>6} {:>7.3} {:>7.3} {:>7.3} {:>11.3} {:>11.3} {:>9} {:>13.2} {:>9} {:>10} {:>9}",
+            for store in [Store::None, Store::Etcd] {
+                let ts: Vec<&Trial> = all
+                    .iter()
+                    .filter(|t| t.fault == fault && t.mode == mode && t.store == store)
+                    .collect();
+                if ts.is_empty() {
+                    continue;
+                }
+                let sorted = |f: fn(&Trial) -> Duration| {
+                    let mut v: Vec<f64> = ts.iter().map(|t| f(t).as_secs_f64()).collect();
+                    v.sort_by(f64::total_cmp);
+                    v
+                };
+                let secs = sorted(|t| t.first_write);
+                let secs_conn = sorted(|t| t.first_write_conn);
+                let failed: usize = ts.iter().map(|t| t.conn_failed).sum();
+                let in_flight: usize = ts.iter().map(|t| t.write_failed + t.conn_cut).sum();
+                let lost: usize = ts.iter().map(|t| t.lost).sum();
+                let acked: usize = ts.iter().map(|t| t.acked).sum();
+                let primaries = ts.iter().map(|t| t.max_primaries).max().unwrap_or(0);
+                println!(
+                "{:<5} {:<6} {:<5} {:>6} {:>7.3} {:>7.3} {:>7.3} {:>11.3} {:>11.3} {:>9} {:>13.2} {:>9} {:>10} {:>9}",
                 fault.as_str(),
                 mode,
+                store.as_str(),
                 ts.len(),
                 percentile(&secs, 50.0),
                 percentile(&secs, 99.0),
@@ -379,9 +532,17 @@ async fn failover_trials() {
                 format!("{lost}/{acked}"),
                 primaries
             );
-            summary.push(json!({
+                rto.push((
+                    fault,
+                    mode,
+                    store,
+                    percentile(&secs, 50.0),
+                    percentile(&secs, 99.0),
+                ));
+                summary.push(json!({
                 "fault": fault.as_str(),
                 "mode": mode,
+                "store": store.as_str(),
                 "trials": ts.len(),
                 "first_write_p50_seconds": percentile(&secs, 50.0),
                 "first_write_p99_seconds": percentile(&secs, 99.0),
@@ -397,15 +558,54 @@ async fn failover_trials() {
                 "rows_lost_per_trial": ts.iter().map(|t| t.lost).collect::<Vec<_>>(),
                 "max_pglb_primaries": primaries,
             }));
+            }
         }
+    }
+    // With and without the store, where both ran: the target is within 0.5 s.
+    let mut compared = Vec::new();
+    for &(fault, mode, store, p50, p99) in &rto {
+        if store != Store::Etcd {
+            continue;
+        }
+        let Some(&(.., base50, base99)) = rto
+            .iter()
+            .find(|r| r.0 == fault && r.1 == mode && r.2 == Store::None)
+        else {
+            continue;
+        };
+        if compared.is_empty() {
+            println!();
+            println!("RTO with etcd minus without (target: within 0.5 s)");
+            println!(
+                "{:<5} {:<6} {:>12} {:>12}",
+                "fault", "mode", "d_p50_s", "d_p99_s"
+            );
+        }
+        println!(
+            "{:<5} {:<6} {:>+12.3} {:>+12.3}",
+            fault.as_str(),
+            mode,
+            p50 - base50,
+            p99 - base99
+        );
+        compared.push(json!({
+            "fault": fault.as_str(),
+            "mode": mode,
+            "p50_difference_seconds": p50 - base50,
+            "p99_difference_seconds": p99 - base99,
+        }));
     }
     if let Ok(path) = std::env::var("FAILOVER_OUT") {
         let doc = json!({
             "failover_after_seconds": FAILOVER_AFTER,
             "summary": summary,
+            "etcd_minus_none": compared,
             "trials": all.iter().map(|t| json!({
                 "fault": t.fault.as_str(),
                 "mode": t.mode,
+                "store": t.store.as_str(),
+                "acted": t.acted,
+                "promotions": t.promotions,
                 "first_write_seconds": t.first_write.as_secs_f64(),
                 "first_write_new_connection_seconds": t.first_write_conn.as_secs_f64(),
                 "detected_after_seconds": t.detected_after,
@@ -428,6 +628,14 @@ async fn failover_trials() {
     }
     for t in &all {
         assert!(t.max_primaries <= 1, "pglb saw two primaries at once");
+        assert_eq!(
+            t.promotions, 1,
+            "promotions made by the promoters in one trial"
+        );
+        assert_eq!(
+            t.left_recovery, 1,
+            "replicas out of recovery after one trial"
+        );
         if t.mode == "sync" {
             assert_eq!(t.lost, 0, "sync mode lost acknowledged rows");
         }

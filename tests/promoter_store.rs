@@ -2,7 +2,8 @@
 //! real PostgreSQL (a primary, two replicas) and pglb: only the leader acts, a dead leader is
 //! replaced within the lease, one failure makes one promotion, a paused leader is outrun and
 //! its guarded record refused, no quorum means no promotion; and a promoter killed after any
-//! failover step, with or without a store, leaves a cluster that converges.
+//! failover step, with or without a store, leaves a cluster that converges without losing a
+//! commit acknowledged in synchronous mode; a reloaded `[store]` is switched to cleanly.
 
 mod common;
 
@@ -531,20 +532,38 @@ async fn killed_between_the_record_and_the_promotion_the_record_follows_the_serv
 }
 
 /// The acting promoter aborts right after `step` of a failover (a kill -9 at that point). It
-/// is started again; with a store another promoter runs too. The cluster converges within 60 s.
+/// is started again; with a store another promoter runs too, and pglb follows the store's
+/// record. Replication is synchronous (`ANY 1`) and a client writes through pglb all along: the
+/// cluster converges within 60 s and every commit acknowledged to the client is on the new
+/// primary.
 async fn killed_after(step: &str, store: bool) {
     let etcd = store.then(EtcdCluster::start);
     let cluster = failover_cluster(2);
-    let lb = Pglb::start(&cluster).await;
+    let lb = match &etcd {
+        Some(e) => {
+            let endpoints: Vec<toml::Value> = e.endpoints().into_iter().map(Into::into).collect();
+            Pglb::builder(&cluster)
+                .set("store", "kind", "etcd")
+                .set("store", "endpoints", endpoints)
+                .set("store", "prefix", PREFIX)
+                .set("store", "lease_ttl", format!("{}s", TTL.as_secs()))
+                .start()
+        }
+        None => Pglb::builder(&cluster).start(),
+    };
+    lb.wait_ready().await;
     let builder = match &etcd {
         Some(e) => with_store(e, "a"),
         None => PromoterBuilder::new(),
     };
-    let mut a = builder.env("PGLB_PROMOTER_CRASH_AFTER", step).start(&lb);
+    let mut a = builder
+        .set("synchronous", true)
+        .env("PGLB_PROMOTER_CRASH_AFTER", step)
+        .start(&lb);
     let b = match &etcd {
         Some(e) => {
             wait_leading(&a, "a").await;
-            let b = with_store(e, "b").start(&lb);
+            let b = with_store(e, "b").set("synchronous", true).start(&lb);
             wait_following(&b, "a", "pg-0").await;
             Some(b)
         }
@@ -553,6 +572,15 @@ async fn killed_after(step: &str, store: bool) {
             None
         }
     };
+    wait_until(T, "both standbys in the synchronous quorum", || {
+        cluster
+            .node(0)
+            .exec("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'quorum'")
+            == "2"
+    })
+    .await;
+    let writer = Writer::start(lb.write, "acked").await;
+    writer.wait_count(100, T).await;
 
     kill9(cluster.node(0));
     wait_until(T, &format!("the promoter to abort after {step}"), || {
@@ -569,6 +597,21 @@ async fn killed_after(step: &str, store: bool) {
         died.elapsed()
     );
     let name = cluster.node(promoted).name().to_string();
+    // The writer goes on through pglb on the new primary; nothing it was told is committed is
+    // missing there.
+    writer.wait_count(writer.count() + 50, T).await;
+    let acks = writer.stop().await;
+    let after = acks.iter().filter(|a| a.at > died).count();
+    let missing = missing_rows(cluster.node(promoted), "acked", &acks);
+    assert!(
+        missing.is_empty(),
+        "acknowledged commits missing on {name}: {missing:?} ({} acknowledged)",
+        acks.len()
+    );
+    eprintln!(
+        "{} commits acknowledged ({after} after the promoter died), none lost",
+        acks.len()
+    );
     a.wait_steady(&name, T).await;
     if let Some(b) = &b {
         b.wait_steady(&name, T).await;
@@ -635,4 +678,100 @@ async fn killed_after_promoting_with_a_store_converges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_after_repointing_with_a_store_converges() {
     killed_after("repointed", true).await;
+}
+
+/// Rewrites the `[store]` of a running promoter's config (none: removed); it reloads.
+fn reload_store(p: &Promoter, store: Option<(&EtcdCluster, &str)>) {
+    let text = std::fs::read_to_string(p.config_path()).expect("read promoter config");
+    let mut root: toml::Table = toml::from_str(&text).expect("parse promoter config");
+    root.remove("store");
+    if let Some((etcd, prefix)) = store {
+        let endpoints: Vec<toml::Value> = etcd.endpoints().into_iter().map(Into::into).collect();
+        let mut t = toml::Table::new();
+        t.insert("kind".into(), "etcd".into());
+        t.insert("endpoints".into(), toml::Value::Array(endpoints));
+        t.insert("prefix".into(), prefix.into());
+        t.insert("lease_ttl".into(), format!("{}s", TTL.as_secs()).into());
+        root.insert("store".into(), toml::Value::Table(t));
+    }
+    std::fs::write(p.config_path(), toml::to_string(&root).unwrap()).expect("write config");
+}
+
+/// `[store]` reloads in the promoter: moved from no store to etcd, it campaigns, leads and
+/// records the primary; moved to another prefix, it gives the old leader key up at once (the
+/// other promoter there leads) before it leads under the new one; store removed, it acts alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_promoter_follows_its_reloaded_store_section() {
+    let etcd = EtcdCluster::start();
+    let cluster = failover_cluster(2);
+    let lb = Pglb::start(&cluster).await;
+    let a = PromoterBuilder::new().id("a").start(&lb);
+    let s = a.wait_steady("pg-0", T).await;
+    assert!(s["store"].is_null(), "{s}");
+
+    reload_store(&a, Some((&etcd, PREFIX)));
+    a.wait_status(T, "a to lead and record pg-0", |s| {
+        s["store"]["is_leader"] == true && s["store"]["record"]["name"] == "pg-0"
+    })
+    .await;
+    let old = EtcdStore::connect(&etcd.store_config(&[0, 1, 2], PREFIX, TTL))
+        .await
+        .expect("connect to etcd");
+    assert_eq!(
+        old.primary()
+            .await
+            .expect("read the record")
+            .map(|r| r.name),
+        Some("pg-0".to_string())
+    );
+    let b = with_store(&etcd, "b").start(&lb);
+    wait_following(&b, "a", "pg-0").await;
+
+    // Another prefix: a resigns there (b takes over), then leads alone under the new one.
+    let other = "/pglb/test-other";
+    reload_store(&a, Some((&etcd, other)));
+    wait_leading(&b, "b").await;
+    a.wait_status(T, "a to lead under the new prefix", |s| {
+        s["store"]["is_leader"] == true && s["store"]["record"]["name"] == "pg-0"
+    })
+    .await;
+    let new = EtcdStore::connect(&etcd.store_config(&[0, 1, 2], other, TTL))
+        .await
+        .expect("connect to etcd");
+    assert_eq!(
+        new.leader().await.expect("read the leader").map(|l| l.id),
+        Some("a".to_string())
+    );
+    assert_eq!(
+        old.leader().await.expect("read the leader").map(|l| l.id),
+        Some("b".to_string())
+    );
+    assert!(a
+        .log_text()
+        .contains("giving up the leadership under the old settings"));
+
+    // No store: a acts alone again (b is stopped first: two promoters acting is what the store
+    // is for).
+    drop(b);
+    reload_store(&a, None);
+    let s = a
+        .wait_status(T, "a without a store", |s| s["store"].is_null())
+        .await;
+    assert_eq!(s["reload"]["result"], "applied", "{s}");
+    // It acts: a replica promoted by hand is on the newest timeline, and a alone (no record
+    // to say otherwise) fences pg-0 for it.
+    cluster.node(1).promote();
+    a.wait_status(T, "pg-1 the primary, pg-0 fenced by a", |s| {
+        s["primary"] == "pg-1"
+            && s["fenced"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|n| n == "pg-0"))
+    })
+    .await;
+    assert_eq!(
+        cluster
+            .node(0)
+            .exec("SELECT current_setting('default_transaction_read_only')"),
+        "on"
+    );
 }

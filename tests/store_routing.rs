@@ -2,7 +2,7 @@
 //! 3-member etcd and real PostgreSQL: writes go to the recorded server, a server promoted by
 //! hand is fenced, writes move with the record, an etcd without quorum leaves writes on the last
 //! recorded primary (and none once it dies, reads going on), and a pglb that never read the store
-//! takes no writes until it answers.
+//! takes no writes until it answers; a reloaded `[store]` is followed with its new settings.
 //! The record is written as a promoter does: `EtcdStore::record_primary` under a campaign's
 //! leadership.
 
@@ -384,4 +384,80 @@ async fn without_an_etcd_majority_a_dead_recorded_primary_leaves_reads_and_says_
     expect_pglb_fatal(lb.write).await;
     assert_eq!(lb.health_status(), Ok(503));
     assert_eq!(landing_port(lb.read).await, pg1.port(), "reads go on");
+}
+
+/// `[store]` reloads: pglb started with endpoints where no etcd answers takes no writes; the
+/// file rewritten with the real ones, it follows the store (reachable, the record applied,
+/// writes on the recorded server); `[store]` removed, its own rule again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reloaded_store_section_is_followed_with_its_new_settings() {
+    let etcd = EtcdCluster::start();
+    let cluster = PgCluster::start(1);
+    let (pg0, pg1) = (cluster.node(0), cluster.node(1));
+    let recorder = Recorder::start(&etcd).await;
+    recorder.record("pg-0", pg0.timeline(), 1).await;
+    let nowhere: Vec<toml::Value> = vec![format!("http://127.0.0.1:{}", free_port()).into()];
+    let config = |b: PglbBuilder, endpoints: Vec<toml::Value>| {
+        b.set("store", "kind", "etcd")
+            .set("store", "endpoints", endpoints)
+            .set("store", "prefix", PREFIX)
+            .set("store", "lease_ttl", "3s")
+    };
+    let lb = config(Pglb::builder(&cluster), nowhere).start();
+    let s = lb
+        .wait_stats(T, "the store unreachable, no primary", |s| {
+            s.store
+                .as_ref()
+                .is_some_and(|st| !st.reachable && st.errors > 0)
+        })
+        .await;
+    assert_eq!(s.primary, None, "{}", s.raw);
+    assert_eq!(store_of(&s).rule, StoreRule::Unreachable, "{}", s.raw);
+
+    let endpoints: Vec<toml::Value> = etcd.endpoints().into_iter().map(Into::into).collect();
+    std::fs::write(
+        lb.config_path(),
+        config(Pglb::builder(&cluster), endpoints).render(lb.write, lb.read, lb.stats),
+    )
+    .unwrap();
+    let s = lb
+        .wait_stats(T, "the store reachable, pg-0 primary by the record", |s| {
+            s.store.as_ref().is_some_and(|st| st.reachable)
+                && recorded_name(s) == Some("pg-0")
+                && s.primary.as_deref() == Some("pg-0")
+        })
+        .await;
+    let st = store_of(&s);
+    assert_eq!(st.rule, StoreRule::Record, "{}", s.raw);
+    assert_eq!(st.endpoints, etcd.endpoints(), "{}", s.raw);
+    let w = connect_ok(lb.write).await;
+    assert_eq!(backend_port(&w).await, pg0.port());
+    w.batch_execute("CREATE TABLE after_reload (id int); INSERT INTO after_reload VALUES (1)")
+        .await
+        .expect("write on the recorded primary");
+    // The record moves: writes follow it, so this really is the store being followed.
+    pg1.exec("SELECT pg_promote()");
+    recorder.record("pg-1", pg1.timeline(), 2).await;
+    lb.wait_stats(T, "pg-1 primary by the new record", |s| {
+        s.primary.as_deref() == Some("pg-1") && recorded_name(s) == Some("pg-1")
+    })
+    .await;
+    assert_eq!(landing_port(lb.write).await, pg1.port());
+
+    // No store any more: no store section; pg-1, on the newest timeline, by pglb's own rule.
+    std::fs::write(
+        lb.config_path(),
+        Pglb::builder(&cluster).render(lb.write, lb.read, lb.stats),
+    )
+    .unwrap();
+    let s = lb
+        .wait_stats(T, "no store section", |s| s.store.is_none())
+        .await;
+    assert_eq!(s.primary.as_deref(), Some("pg-1"), "{}", s.raw);
+    assert_eq!(
+        s.reload.result,
+        pglb::reload::ReloadResult::Applied,
+        "{}",
+        s.raw
+    );
 }

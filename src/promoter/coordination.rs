@@ -21,6 +21,7 @@ use super::metrics;
 use super::observe::Observation;
 use super::promote::{ActError, Position, Promoter};
 use super::settings::Member;
+use crate::config::{StoreConfig, StoreKind};
 use crate::store::{
     Campaign, EtcdStore, FailoverStep, Leadership, MemberView, PrimaryRecord, PrimaryState,
     StepAction, Store, StoreError, SwitchoverOutcome,
@@ -576,6 +577,116 @@ impl<P: Promoter> Promoter for Guarded<P> {
     async fn set_sync_names(&self, primary: &Member, value: &str) -> Result<(), ActError> {
         self.gate(primary, "set synchronous_standby_names")?;
         self.inner.set_sync_names(primary, value).await
+    }
+}
+
+/// Where this promoter stands towards the store, as the `[store]` in effect makes it; the loop
+/// reads it at every look.
+#[derive(Clone)]
+pub enum Standing {
+    /// No store: this promoter acts alone.
+    Alone,
+    /// Campaigning in the store: it acts only while it leads.
+    Linked(Arc<Link>),
+    /// Between two `[store]` settings: the old leadership given up, the new store not set up
+    /// yet. It acts not at all.
+    Switching,
+}
+
+impl Standing {
+    /// Sets up what `cfg` asks for: nothing, or the store client and the campaign as `id`.
+    pub async fn start(cfg: &StoreConfig, id: &str) -> Result<Standing, StoreError> {
+        match cfg.kind {
+            StoreKind::None => Ok(Standing::Alone),
+            StoreKind::Etcd => {
+                let store = EtcdStore::connect(cfg).await?;
+                let link = Link::start(store, id).await?;
+                info!(id = %id, endpoints = %cfg.endpoints.iter().map(|e| crate::routing::without_credentials(e)).collect::<Vec<_>>().join(","), prefix = %cfg.prefix, lease_ttl = ?cfg.lease_ttl, "store: campaigning; only the leader changes servers");
+                Ok(Standing::Linked(link))
+            }
+        }
+    }
+
+    pub fn link(&self) -> Option<Arc<Link>> {
+        match self {
+            Standing::Linked(l) => Some(l.clone()),
+            Standing::Alone | Standing::Switching => None,
+        }
+    }
+
+    /// Whether the loop may act at this instant.
+    pub fn may_act(&self) -> bool {
+        match self {
+            Standing::Alone => true,
+            Standing::Linked(l) => l.is_leader(),
+            Standing::Switching => false,
+        }
+    }
+}
+
+/// Applies reloaded `[store]` settings until `stop`: on a change, the loop stops acting
+/// (`Switching`), the old leadership is resigned under the old settings (its key deleted, its
+/// lease revoked), then the new store is set up (retried every second while it cannot be) and
+/// campaigned in; the promoter acts again only as `Alone`, or once it leads in the new store.
+/// Also runs `follow` (the `/status` store section) for the link in effect.
+pub async fn on_reload(
+    mut settings: watch::Receiver<StoreConfig>,
+    standing: watch::Sender<Standing>,
+    id: String,
+    shared: Arc<Shared>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let status = |link: Option<Arc<Link>>| {
+        link.map(|l| {
+            let token = stop.child_token();
+            tokio::spawn(follow(l, shared.clone(), every, token.clone()));
+            token
+        })
+    };
+    let mut following = status(standing.borrow().link());
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = settings.changed() => if changed.is_err() {
+                // No more reloads: the standing stays as it is.
+                stop.cancelled().await;
+                return;
+            },
+        }
+        let old = standing.send_replace(Standing::Switching);
+        if let Some(t) = following.take() {
+            t.cancel();
+        }
+        if let Some(l) = old.link() {
+            info!(id = %id, "[store] changed: giving up the leadership under the old settings");
+            l.resign(Duration::from_secs(2)).await;
+        }
+        shared.update(|st| st.store = None);
+        metrics::leader(false);
+        let mut failed = 0u64;
+        let new = loop {
+            let cfg = settings.borrow_and_update().clone();
+            match Standing::start(&cfg, &id).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    metrics::store_error(e.kind());
+                    if failed == 0 {
+                        warn!(error = %error_chain(&e), "cannot set up the reloaded store; retrying every second (no server changes until then)");
+                    }
+                    failed += 1;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        if matches!(new, Standing::Alone) {
+            info!(id = %id, "[store] removed: this promoter acts alone");
+        }
+        following = status(new.link());
+        standing.send_replace(new);
     }
 }
 

@@ -720,7 +720,9 @@ fn failure(obs: &Observation, state: &State, replicas: &[&NodeObservation]) -> D
     }
     if policy.synchronous {
         // The failed primary is unreachable too: the one this process saw, or the one the
-        // replicas name as their upstream (after a restart of the promoter).
+        // replicas name as their upstream (after a restart of the promoter), in their
+        // primary_conninfo or, when a failover interrupted after stopping their receivers
+        // emptied it, in the one it saved on them.
         let upstreams: Vec<(String, u16)> = replicas
             .iter()
             .filter_map(|r| r.reachable())
@@ -730,7 +732,11 @@ fn failure(obs: &Observation, state: &State, replicas: &[&NodeObservation]) -> D
                     .as_ref()
                     .and_then(|r| r.sender.as_deref())
                     .and_then(split_address);
-                [conninfo_target(&st.primary_conninfo), sender]
+                [
+                    conninfo_target(&st.primary_conninfo),
+                    conninfo_target(&st.saved_primary_conninfo),
+                    sender,
+                ]
             })
             .flatten()
             .collect();
@@ -1561,15 +1567,27 @@ pub(crate) mod tests {
         w.state.policy.synchronous = true;
         let d = w.look(10.0, primary_dead(), no_pglb());
         assert_eq!(d.kind(), "failover");
-        // Receivers already emptied by an interrupted failover: nothing names it any more.
+        // Receivers emptied by an interrupted failover, which saved their upstream on them:
+        // that still names it.
         let mut nodes = primary_dead();
         for n in &mut nodes[1..] {
             if let Ok(s) = &mut n.status {
-                s.primary_conninfo.clear();
+                s.saved_primary_conninfo = std::mem::take(&mut s.primary_conninfo);
             }
         }
+        let mut w = World::new();
+        w.state.policy.synchronous = true;
+        assert_eq!(w.look(10.0, nodes.clone(), no_pglb()).kind(), "failover");
+        // Nothing names it any more: it may be a replica holding acknowledged commits.
+        for n in &mut nodes[1..] {
+            if let Ok(s) = &mut n.status {
+                s.saved_primary_conninfo.clear();
+            }
+        }
+        let mut w = World::new();
+        w.state.policy.synchronous = true;
         assert_eq!(
-            wait_kind(&w.look(10.5, nodes, no_pglb())),
+            wait_kind(&w.look(10.0, nodes, no_pglb())),
             "sync_replica_unreachable"
         );
     }

@@ -39,11 +39,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::config::{Config, Secrets, StoreKind};
+use crate::config::{Config, Secrets};
 use crate::ratelimit::LogEvery;
 use crate::reload;
-use crate::store::{EtcdStore, MemberView};
-use coordination::{Guarded, Link};
+use crate::store::MemberView;
+use coordination::{Guarded, Link, Standing};
 use decide::{Action, Command, Decision, Event, Policy, State};
 use http::{FailoverRecord, NodeSummary, Shared, Status};
 use observe::Observation;
@@ -81,7 +81,6 @@ fn policy(s: &Settings) -> Policy {
 /// Runs the promoter until SIGTERM/SIGINT.
 pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let settings = Arc::new(Settings::from_config(&config)?);
-    // `[store]` is read once: a change needs a restart.
     let store_config = config.store.clone();
     let shared = Arc::new(Shared {
         status: Mutex::new(Status::new(
@@ -113,6 +112,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         }
     });
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
+    let (store_tx, store_rx) = watch::channel(store_config.clone());
     // The promoter's own reading of the file: pglb's check password is not its business.
     background.spawn(reload::run(
         config.path.clone(),
@@ -122,6 +122,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         shutdown.clone(),
         PromoterReload {
             settings: settings_tx,
+            store: store_tx,
             shared: shared.clone(),
         },
     ));
@@ -137,25 +138,20 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         "pglb-promoter started"
     );
     metrics::info(&opts.id);
-    let link = match store_config.kind {
-        StoreKind::None => None,
-        StoreKind::Etcd => {
-            let store = EtcdStore::connect(&store_config)
-                .await
-                .context("connect to the store ([store])")?;
-            let link = Link::start(store, &opts.id)
-                .await
-                .context("campaign for the leader key")?;
-            info!(id = %opts.id, endpoints = %store_config.endpoints.join(","), prefix = %store_config.prefix, lease_ttl = ?store_config.lease_ttl, "store: campaigning; only the leader changes servers");
-            background.spawn(coordination::follow(
-                link.clone(),
-                shared.clone(),
-                settings.interval.max(Duration::from_secs(1)),
-                shutdown.child_token(),
-            ));
-            Some(link)
-        }
-    };
+    // At start a store that cannot be set up is an error; after a reload that changes
+    // `[store]`, `on_reload` switches (and retries).
+    let standing = Standing::start(&store_config, &opts.id)
+        .await
+        .context("connect to the store and campaign for the leader key ([store])")?;
+    let (standing_tx, standing) = watch::channel(standing);
+    background.spawn(coordination::on_reload(
+        store_rx,
+        standing_tx,
+        opts.id.clone(),
+        shared.clone(),
+        settings.interval.max(Duration::from_secs(1)),
+        shutdown.child_token(),
+    ));
     // Looks keep a silent server's login in flight between them (`observe::Observer`).
     let observer = Arc::new(observe::Observer::default());
     let observe = move |s: Arc<Settings>| {
@@ -165,31 +161,30 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     // Every line the loop logs carries this promoter's id.
     let span = tracing::info_span!("promoter", id = %opts.id);
     if opts.dry_run {
-        let l = link.clone();
         run_loop(
-            move |s| Guarded::new(DryRun(PgPromoter::new(s)), l.clone()),
+            |s, l| Guarded::new(DryRun(PgPromoter::new(s)), l),
             observe,
             settings_rx,
             shared,
-            link.clone(),
+            standing.clone(),
             shutdown.clone(),
         )
         .instrument(span)
         .await;
     } else {
-        let l = link.clone();
         run_loop(
-            move |s| Guarded::new(PgPromoter::new(s), l.clone()),
+            |s, l| Guarded::new(PgPromoter::new(s), l),
             observe,
             settings_rx,
             shared,
-            link.clone(),
+            standing.clone(),
             shutdown.clone(),
         )
         .instrument(span)
         .await;
     }
-    if let Some(l) = &link {
+    let link = standing.borrow().link();
+    if let Some(l) = link {
         l.resign(Duration::from_secs(2)).await;
     }
     background.close();
@@ -200,9 +195,10 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
 }
 
 /// What a reload changes in the promoter: new `Settings` for the loop (`promoter.listen` needs a
-/// restart).
+/// restart), a changed `[store]` for `coordination::on_reload`.
 struct PromoterReload {
     settings: watch::Sender<Arc<Settings>>,
+    store: watch::Sender<crate::config::StoreConfig>,
     shared: Arc<Shared>,
 }
 
@@ -215,6 +211,13 @@ impl reload::Target for PromoterReload {
                 }
                 info!(backends = s.members.len(), failover_after = ?s.failover_after, synchronous = s.synchronous, "config reloaded");
                 let _ = self.settings.send(Arc::new(s));
+                self.store.send_if_modified(|s| {
+                    let changed = *s != new.store;
+                    if changed {
+                        *s = new.store.clone();
+                    }
+                    changed
+                });
                 reload::Applied::Running {
                     config: Box::new(new),
                     note: None,
@@ -556,11 +559,11 @@ async fn run_loop<P, F, O, Fut>(
     observe: O,
     mut settings_rx: watch::Receiver<Arc<Settings>>,
     shared: Arc<Shared>,
-    link: Option<Arc<Link>>,
+    standing: watch::Receiver<Standing>,
     shutdown: CancellationToken,
 ) where
     P: Promoter + Clone + 'static,
-    F: Fn(Arc<Settings>) -> P,
+    F: Fn(Arc<Settings>, Option<Arc<Link>>) -> P,
     O: Fn(Arc<Settings>) -> Fut,
     Fut: Future<Output = Observation>,
 {
@@ -592,7 +595,10 @@ async fn run_loop<P, F, O, Fut>(
         while let Ok(event) = done_rx.try_recv() {
             state.record(event, Instant::now());
         }
-        let actor = make(settings.clone());
+        // Read once per look: a reload that switches the store takes effect at the next one.
+        let now_standing = standing.borrow().clone();
+        let link = now_standing.link();
+        let actor = make(settings.clone(), link.clone());
         let obs = observe(settings.clone()).await;
         metrics::look();
         for n in &obs.nodes {
@@ -603,7 +609,7 @@ async fn run_loop<P, F, O, Fut>(
         let now = Instant::now();
         // The gate where decisions become commands: only a leader (or a promoter without a
         // store) gets commands that change servers; `Guarded` checks again at each change.
-        state.may_act = link.as_ref().is_none_or(|l| l.is_leader());
+        state.may_act = now_standing.may_act();
         // Other promoters as witnesses: a view that moved lately (within two of our looks
         // and two store reads) and still names a primary holds a failover back.
         state.peers = link.as_ref().map_or(vec![], |l| {
@@ -853,11 +859,11 @@ address = "127.0.0.1:5002"
         };
         let fake2 = fake.clone();
         let task = tokio::spawn(run_loop(
-            move |_s| fake2.clone(),
+            move |_s, _l| fake2.clone(),
             observe,
             rx,
             shared,
-            None,
+            watch::channel(Standing::Alone).1,
             shutdown.clone(),
         ));
         tokio::time::sleep(run_for).await;
