@@ -36,7 +36,7 @@ pub struct Limits {
     /// For the chosen replica to replay what it received; then it is promoted anyway
     /// (promotion replays the rest first).
     pub replay: Duration,
-    /// `pg_promote(true, N)`.
+    /// For the promoted server to leave recovery.
     pub promote: Duration,
     pub poll: Duration,
     /// Bound on one look at a server (`Settings::probe_timeout`): the old primary's last answer
