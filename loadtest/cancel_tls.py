@@ -292,6 +292,9 @@ def parse_args():
     ap.add_argument("--busy", action="store_true",
                     help="the other sessions run short queries during every cancel")
     ap.add_argument("--only", help="comma-separated pglb labels (off,on,source)")
+    ap.add_argument("--check", action="store_true",
+                    help="only the pglb where every cancel must arrive (on, source); exit 1 "
+                         "if one did not (CI runs this)")
     ap.add_argument("--bench", type=int, metavar="SECONDS",
                     help="instead: SELECT 1 throughput over TLS through the read port, rule off "
                          "vs on (pgbench, 8 clients, 3 interleaved runs of SECONDS each)")
@@ -347,6 +350,9 @@ def main():
     if args.only:
         keep = set(args.only.split(","))
         variants = [v for v in variants if v[0] in keep]
+    if args.check:
+        variants = [v for v in variants if v[0] != "off"]
+    missed = []
     print(f"psycopg {psycopg.__version__} (libpq {psycopg.pq.version()}), "
           f"asyncpg {asyncpg.__version__}; pool of {args.pool} from {HOST} over TLS, "
           f"{args.trials} cancels each{', others busy' if args.busy else ''}; "
@@ -364,7 +370,11 @@ def main():
                     if after.get(r, 0) != before.get(r, 0)}
             print(f"{desc:<44} {client:<9} {ok:>4}/{args.trials:<4}  "
                   f"{','.join(names)}  {diff or '-'}", flush=True)
+            if ok < args.trials:
+                missed.append(f"{label}/{client}: {args.trials - ok} of {args.trials}")
         p.stop()
+    if args.check and missed:
+        raise lt.Fail("cancels that did not reach their query: " + "; ".join(missed))
 
 
 if __name__ == "__main__":

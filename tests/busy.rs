@@ -221,6 +221,45 @@ async fn a_client_connecting_during_a_failover_waits_for_the_new_primary() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_connecting_to_a_hung_primary_is_routed_to_the_one_that_replaces_it() {
+    let cluster = PgCluster::start(1);
+    // Slow checks keep the frozen pg-0 the primary for a while, and a long connect_timeout
+    // would keep the client waiting on it far beyond this test's deadline.
+    let lb = Pglb::builder(&cluster)
+        .set("check", "interval", "200ms")
+        .set("check", "timeout", "20s")
+        .set("proxy", "connect_timeout", "60s")
+        .set("proxy", "wait_for_backend", "30s")
+        .start();
+    lb.wait_ready().await;
+    cluster.primary().freeze();
+
+    // The client's connection goes to the hung primary, which never answers its startup.
+    let write = lb.write;
+    let pending = tokio::spawn(async move { connect(write).await });
+    lb.wait_stats(T, "a write session connecting to pg-0", |s| {
+        s.try_backend("pg-0")
+            .is_some_and(|b| b.write.sessions_active == 1)
+    })
+    .await;
+    assert!(!pending.is_finished(), "the hung primary answered");
+
+    // Replaced: the client is routed again at once, not after connect_timeout.
+    cluster.node(1).promote();
+    let client = tokio::time::timeout(T, pending)
+        .await
+        .expect("the client was still waiting on the hung primary after the promotion")
+        .expect("join")
+        .expect("the client got an error instead of the new primary");
+    assert_eq!(backend_port(&client).await, cluster.node(1).port());
+    client
+        .batch_execute("CREATE TABLE after_the_hung_primary (id int)")
+        .await
+        .expect("a write on the new primary");
+    cluster.primary().thaw();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_gets_the_fatal_after_wait_for_backend() {
     let cluster = PgCluster::start(1);
     let lb = Pglb::builder(&cluster)

@@ -444,6 +444,10 @@ async fn choose(
         // A server closed a direct-TLS connection without a byte: before PostgreSQL 17 servers
         // do not accept direct TLS, and waiting for another answer would not change that.
         let mut no_direct_tls = false;
+        // A write connection waiting for its primary's first answer is routed again when the
+        // primary changes meanwhile (a hung primary replaced: its connect would otherwise wait
+        // out connect_timeout before trying the new one).
+        let mut rerouted = false;
         let mut candidates = view.candidates(port, &ctx.rr, route.client);
         if let Some(pick) = &route.follow {
             let rule = follow(&view, &mut candidates, pick.as_ref());
@@ -466,7 +470,36 @@ async fn choose(
             };
             let b = t.handle;
             let address = &t.view.address;
-            match open_backend(address, cfg.proxy.connect_timeout, first).await {
+            let opened = match port {
+                PortRole::Write => {
+                    let mut routing = ctx.control.subscribe();
+                    routing.borrow_and_update();
+                    let attempt = open_backend(address, cfg.proxy.connect_timeout, first);
+                    tokio::pin!(attempt);
+                    loop {
+                        tokio::select! {
+                            r = &mut attempt => break Some(r),
+                            c = routing.changed() => {
+                                let gone = c.is_err()
+                                    || routing.borrow_and_update().primary.as_deref()
+                                        != Some(b.name.as_str());
+                                if gone {
+                                    break None;
+                                }
+                            }
+                        }
+                    }
+                }
+                PortRole::Read => {
+                    Some(open_backend(address, cfg.proxy.connect_timeout, first).await)
+                }
+            };
+            let Some(opened) = opened else {
+                info!(backend = %b.name, "primary changed while connecting: routing the session again");
+                rerouted = true;
+                break;
+            };
+            match opened {
                 Ok((s, answer)) => {
                     slot.connected();
                     slot.backend()
@@ -496,6 +529,9 @@ async fn choose(
             }
         }
         drop(view);
+        if rerouted {
+            continue;
+        }
         if no_direct_tls && full.is_none() {
             return Choice::NoBackend;
         }
