@@ -476,17 +476,21 @@ async fn choose(
                     routing.borrow_and_update();
                     let attempt = open_backend(address, cfg.proxy.connect_timeout, first);
                     tokio::pin!(attempt);
+                    // Routing is no longer published once the control task has stopped
+                    // (shutdown): the attempt then just runs its course.
+                    let mut watching = true;
                     loop {
                         tokio::select! {
                             r = &mut attempt => break Some(r),
-                            c = routing.changed() => {
-                                let gone = c.is_err()
-                                    || routing.borrow_and_update().primary.as_deref()
-                                        != Some(b.name.as_str());
-                                if gone {
-                                    break None;
+                            c = routing.changed(), if watching => match c {
+                                Err(_) => watching = false,
+                                Ok(()) => {
+                                    let primary = routing.borrow_and_update().primary.clone();
+                                    if primary.as_deref() != Some(b.name.as_str()) {
+                                        break None;
+                                    }
                                 }
-                            }
+                            },
                         }
                     }
                 }
