@@ -412,7 +412,9 @@ async fn a_cancel_in_direct_tls_reaches_the_replica_of_the_request_in_flight() {
     for r in cluster.replicas() {
         backends.push(BackendSpec {
             name: r.name().to_string(),
-            address: direct_tls_front(r.addr(), &crt, &key).await.to_string(),
+            address: common::tls::direct_tls_front(r.addr(), &crt, &key)
+                .await
+                .to_string(),
             weight: Some(1),
         });
     }
@@ -470,55 +472,6 @@ async fn direct_tls_client(
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-}
-
-/// What PostgreSQL 17's postmaster does with a first byte 0x16 and PostgreSQL 15 cannot: accept
-/// TLS (ALPN "postgresql", a certificate from the test CA), then speak to `server` inside it.
-/// Anything else is relayed as is (pglb's checks).
-async fn direct_tls_front(
-    server: SocketAddr,
-    crt: &std::path::Path,
-    key: &std::path::Path,
-) -> SocketAddr {
-    let chain: Vec<_> = CertificateDer::pem_file_iter(crt)
-        .unwrap()
-        .map(|c| c.unwrap())
-        .collect();
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"postgresql".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let mut first = [0u8; 1];
-                if client.peek(&mut first).await.is_err() {
-                    return;
-                }
-                let Ok(mut backend) = tokio::net::TcpStream::connect(server).await else {
-                    return;
-                };
-                if first[0] == 0x16 {
-                    if let Ok(mut tls) = acceptor.accept(client).await {
-                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut backend).await;
-                    }
-                } else {
-                    let mut client = client;
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// Plaintext cancels reach every backend, as before: a CancelRequest as the first packet, and

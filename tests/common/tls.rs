@@ -222,3 +222,53 @@ fn basebackup_tls(name: &str, root: &Path, primary: &PgNode, ca: &Path) -> PgNod
     );
     PgNode::basebackup_with(name, root, &conninfo)
 }
+
+/// What PostgreSQL 17's postmaster does with a first byte 0x16 and this harness's PostgreSQL 15
+/// cannot: accept TLS directly (ALPN "postgresql", a certificate from the test CA), then speak
+/// to the server inside it. Anything else is relayed as is, so checks reach the server.
+pub async fn direct_tls_front(
+    server: std::net::SocketAddr,
+    crt: &std::path::Path,
+    key: &std::path::Path,
+) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(crt)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if client.peek(&mut first).await.is_err() {
+                    return;
+                }
+                let Ok(mut backend) = tokio::net::TcpStream::connect(server).await else {
+                    return;
+                };
+                if first[0] == 0x16 {
+                    if let Ok(mut tls) = acceptor.accept(client).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut backend).await;
+                    }
+                } else {
+                    let mut client = client;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                }
+            });
+        }
+    });
+    addr
+}
