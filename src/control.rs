@@ -114,6 +114,7 @@ impl Control {
             generation: 0,
             reload: ReloadStatus::default(),
             started: Instant::now(),
+            grid: backend::CheckGrid::new(tokio::time::Instant::now()),
             waiting: Arc::default(),
             publish,
             events: events.clone(),
@@ -195,6 +196,8 @@ struct Owner {
     generation: u64,
     reload: ReloadStatus,
     started: Instant,
+    /// Every checker and this task's tick share it: one wake-up of the thread per round.
+    grid: backend::CheckGrid,
     waiting: Arc<std::sync::atomic::AtomicU64>,
     publish: watch::Sender<Arc<View>>,
     events: Events,
@@ -208,7 +211,11 @@ const TICK: Duration = Duration::from_secs(1);
 
 impl Owner {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
-        let mut tick = tokio::time::interval(TICK);
+        // On the checks' grid: the tick wakes the thread together with them, not on its own.
+        let mut tick = tokio::time::interval_at(
+            self.grid.next_after(tokio::time::Instant::now(), TICK),
+            TICK,
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
@@ -396,6 +403,7 @@ impl Owner {
                 let token = self.token.child_token();
                 self.tracker.spawn(backend::run_checker(
                     n.handle.clone(),
+                    self.grid,
                     self.publish.subscribe(),
                     self.events.clone(),
                     token.clone(),

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -238,11 +237,37 @@ impl Backend {
     }
 }
 
-/// Checks one backend every `check.interval` (every `check.fast_interval` while a port has no
-/// backend or the primary's last check failed, so a new primary is seen at once), reading its settings from the newest View, until
-/// `token` is cancelled; sends every result to the control task.
+/// The checks' common clock. Every checker ticks on one grid, `epoch + k × period`, so a single
+/// wake-up of the control thread starts the checks of all backends, and the View is decided from
+/// answers taken at the same moment. Checkers started at different times (a reload adding a
+/// backend) still land on it; only a first check and a recheck run off the grid, at once.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckGrid {
+    epoch: tokio::time::Instant,
+}
+
+impl CheckGrid {
+    pub fn new(epoch: tokio::time::Instant) -> CheckGrid {
+        CheckGrid { epoch }
+    }
+
+    /// The first point of the grid of `period` strictly after `now`.
+    pub fn next_after(&self, now: tokio::time::Instant, period: Duration) -> tokio::time::Instant {
+        let period_ns = period.as_nanos().max(1);
+        let since = now.saturating_duration_since(self.epoch).as_nanos();
+        let k = since / period_ns + 1;
+        let offset = u64::try_from(k * period_ns).unwrap_or(u64::MAX);
+        self.epoch + Duration::from_nanos(offset)
+    }
+}
+
+/// Checks one backend every `check.interval` on the common `grid` (every `check.fast_interval`
+/// while a port has no backend or the primary's last check failed, so a new primary is seen at
+/// once), reading its settings from the newest View, until `token` is cancelled; sends every
+/// result to the control task.
 pub async fn run_checker(
     backend: Arc<Backend>,
+    grid: CheckGrid,
     mut view: watch::Receiver<Arc<View>>,
     events: Events,
     token: CancellationToken,
@@ -258,12 +283,12 @@ pub async fn run_checker(
     let mut period = period_of(&view.borrow_and_update());
     let local_warning = crate::ratelimit::LogEvery::new(Duration::from_secs(5));
     let mut session = probe::CheckSession::default();
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    // The first check at once; then on the grid.
+    let mut due = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(due) => {}
             _ = backend.recheck.notified() => {}
             r = view.changed() => {
                 if r.is_err() {
@@ -272,11 +297,10 @@ pub async fn run_checker(
                 // Routing changed: a port may have lost (or found) its backend.
                 let p = period_of(&view.borrow_and_update());
                 if p != period {
-                    // Faster now: check at once; slower: after a whole new period.
-                    let delay = if p < period { Duration::ZERO } else { p };
+                    // Faster now: check at once; slower: at the slower grid's next point.
+                    let now = tokio::time::Instant::now();
+                    due = if p < period { now } else { grid.next_after(now, p) };
                     period = p;
-                    tick = tokio::time::interval_at(tokio::time::Instant::now() + delay, p);
-                    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
                 }
                 continue;
             }
@@ -286,16 +310,13 @@ pub async fn run_checker(
             let address = v.backend(&backend.name).map(|b| b.address.clone());
             (v.config().clone(), address)
         };
+        period = period_of(&view.borrow());
+        // Whatever ends this round (a check, a removed backend), the next one is on the grid.
         let Some(address) = address else {
             // Removed from the config: the control task cancels this checker.
+            due = grid.next_after(tokio::time::Instant::now(), period);
             continue;
         };
-        let p = period_of(&view.borrow());
-        if p != period {
-            period = p;
-            tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        }
         let started = Instant::now();
         let outcome = tokio::select! {
             _ = token.cancelled() => return,
@@ -306,6 +327,7 @@ pub async fn run_checker(
                 })
             }
         };
+        due = grid.next_after(tokio::time::Instant::now(), period);
         crate::metrics::check_result(
             &backend.name,
             match &outcome.result {
@@ -332,5 +354,44 @@ pub async fn run_checker(
             login_refused: outcome.login_refused,
             at: SystemTime::now(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn checkers_started_at_different_times_tick_together() {
+        let grid = CheckGrid::new(Instant::now());
+        let second = Duration::from_secs(1);
+        // Started 130 ms and 870 ms into the first second: both next check at 1 s.
+        tokio::time::advance(Duration::from_millis(130)).await;
+        let a = grid.next_after(Instant::now(), second);
+        tokio::time::advance(Duration::from_millis(740)).await;
+        let b = grid.next_after(Instant::now(), second);
+        assert_eq!(a, b);
+        assert_eq!(a - grid.epoch, second);
+        // A check that ends late (a 2.4 s timeout) skips the points it missed.
+        tokio::time::advance(Duration::from_millis(2_400)).await;
+        assert_eq!(
+            grid.next_after(Instant::now(), second) - grid.epoch,
+            Duration::from_secs(4)
+        );
+        // Exactly on a point: the next one, never the same instant again.
+        tokio::time::advance(Duration::from_millis(730)).await;
+        assert_eq!(Instant::now() - grid.epoch, Duration::from_secs(4));
+        assert_eq!(
+            grid.next_after(Instant::now(), second) - grid.epoch,
+            Duration::from_secs(5)
+        );
+        // The fast grid's points include the slow grid's: hurrying keeps checks together.
+        let fast = Duration::from_millis(200);
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert_eq!(
+            grid.next_after(Instant::now(), fast) - grid.epoch,
+            Duration::from_millis(4_200)
+        );
     }
 }
