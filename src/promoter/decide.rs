@@ -417,6 +417,18 @@ impl Decision {
         }
     }
 
+    /// While the primary's silence is what a failover waits for: when it reaches
+    /// `failover_after` (its last answer plus `failover_after`), so the loop looks right then
+    /// rather than up to a fast look later.
+    pub fn primary_silence_complete_at(&self, state: &State) -> Option<Instant> {
+        match self {
+            Decision::Wait {
+                reason: WaitReason::PrimaryGone { failover_after, .. },
+            } => Some(state.primary_last_seen() + *failover_after),
+            _ => None,
+        }
+    }
+
     /// Waiting while no primary answers, for the evidence of a failover to be complete (the
     /// primary's silence, the replicas', the witnesses'): the loop looks faster meanwhile.
     pub fn gathering_evidence(&self) -> bool {

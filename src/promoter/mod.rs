@@ -553,6 +553,8 @@ async fn execute_failover<P: Promoter>(
 /// beside the loop and are awaited before it returns.
 /// The look interval while a failover's evidence is gathered (`Decision::gathering_evidence`).
 const FAST_LOOK: Duration = Duration::from_millis(200);
+/// The shortest gap between two looks that are brought forward.
+const MIN_LOOK_GAP: Duration = Duration::from_millis(10);
 
 async fn run_loop<P, F, O, Fut>(
     make: F,
@@ -630,6 +632,18 @@ async fn run_loop<P, F, O, Fut>(
             && settings.interval > FAST_LOOK
         {
             ticker.reset_after(FAST_LOOK);
+        }
+        // The primary's silence reaches failover_after before the next look: look right then
+        // (a kill -9 is failed over at failover_after, not up to a fast look later).
+        if let Some(at) = state
+            .decision
+            .as_ref()
+            .and_then(|d| d.primary_silence_complete_at(&state))
+        {
+            let next = Instant::now() + settings.interval.min(FAST_LOOK);
+            if at < next {
+                ticker.reset_at(at.max(Instant::now() + MIN_LOOK_GAP));
+            }
         }
         publish(&shared, &obs, &state, &settings);
         if let Some(l) = &link {
@@ -719,7 +733,7 @@ mod tests {
 
     use super::*;
     use crate::promoter::decide::tests::{
-        member, node, primary_dead, primary_status, replica_status,
+        healthy, member, node, primary_dead, primary_status, replica_status,
     };
     use crate::promoter::observe::{NodeObservation, Witnesses};
     use crate::promoter::promote::{ActError, Position};
@@ -844,17 +858,30 @@ address = "127.0.0.1:5002"
         nodes: fn() -> Vec<NodeObservation>,
         run_for: Duration,
     ) -> Duration {
+        run_timed(fake, Arc::new(move |_| nodes()), run_for).await
+    }
+
+    /// The same, each look seeing `nodes(time since the start)`.
+    async fn run_timed(
+        fake: &Fake,
+        nodes: Arc<dyn Fn(Duration) -> Vec<NodeObservation> + Send + Sync>,
+        run_for: Duration,
+    ) -> Duration {
+        let t0 = Instant::now();
         let (_tx, rx) = watch::channel(settings());
         let shared = Arc::new(Shared {
             status: Mutex::new(Status::new("lb.toml".into(), false, "test".into())),
             prometheus: None,
         });
         let shutdown = CancellationToken::new();
-        let observe = move |_s: Arc<Settings>| async move {
-            Observation {
-                at: Instant::now(),
-                nodes: nodes(),
-                pglb: Witnesses::default(),
+        let observe = move |_s: Arc<Settings>| {
+            let nodes = nodes.clone();
+            async move {
+                Observation {
+                    at: Instant::now(),
+                    nodes: nodes(t0.elapsed()),
+                    pglb: Witnesses::default(),
+                }
             }
         };
         let fake2 = fake.clone();
@@ -888,6 +915,32 @@ address = "127.0.0.1:5002"
             fake.calls.lock().unwrap()
         );
         assert!(fake.times("promote pg-1").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_failover_starts_when_the_primary_has_been_silent_for_failover_after() {
+        let fake = Fake::new(Duration::ZERO);
+        let t0 = Instant::now();
+        // pg-0 answers each look (every 200 ms) 50 ms after it starts, the last time in the look
+        // at 0.8 s; from the next look on it is gone.
+        let nodes = move |since: Duration| {
+            if since <= Duration::from_millis(800) {
+                let mut nodes = healthy();
+                nodes[0].answered_at = Some(t0 + since + Duration::from_millis(50));
+                nodes
+            } else {
+                primary_dead()
+            }
+        };
+        run_timed(&fake, Arc::new(nodes), Duration::from_secs(4)).await;
+        // Its silence reaches failover_after (2 s) at 2.85 s, between the looks at 2.8 and 3.0:
+        // the loop looks right then.
+        assert_eq!(
+            fake.times("stop_receiver pg-1").first(),
+            Some(&Duration::from_millis(2850)),
+            "{:?}",
+            fake.calls.lock().unwrap()
+        );
     }
 
     fn stale_pg0() -> Vec<NodeObservation> {
